@@ -1,0 +1,9 @@
+# Every third-party dependency, found once, from Debian packages (scripts/setup.sh installs them).
+# docs: ../shared/docs/build-notes.md lists how each Debian package exposes itself to CMake.
+
+find_package(absl CONFIG REQUIRED)
+find_package(hwy CONFIG REQUIRED)
+find_package(OpenMP REQUIRED)
+find_package(GTest REQUIRED)
+find_package(benchmark CONFIG REQUIRED)
+find_package(Threads REQUIRED)

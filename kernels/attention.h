@@ -1,0 +1,140 @@
+// Backend-neutral attention kernels over head-wise paged KV.
+//
+// Every operation here validates its arguments and returns INVALID_ARGUMENT for mismatched or
+// unsupported shapes and null required pointers; none crashes on bad arguments. Scores and
+// outputs are accumulated in f32 whatever the storage dtype.
+//
+// Memory layout (see docs/kernels.md):
+//   * A page holds `page_tokens` consecutive tokens of ONE (layer, kv head): the K block
+//     [page_tokens][head_dim], then the V block [page_tokens][head_dim], in the storage dtype.
+//     Page slot `s` starts at `pool + s * PageBytes(...)`.
+//   * The page table of one sequence and one layer is in CSR form over KV heads (FlashInfer's
+//     paged_kv_t): the pages of KV head `h` are indices[indptr[h] .. indptr[h+1]) in token
+//     order; every page is full except the last, which holds last_page_len[h] tokens (1..P).
+//     A head with no pages has no tokens.
+//   * Query head `qh` is served by KV head `qh / group_size` (GQA).
+//
+// Thread safety: all functions are reentrant; they read their inputs and write only their
+// outputs. `num_threads` > 1 runs an OpenMP team inside the call.
+#ifndef HEADWISE_KERNELS_ATTENTION_H_
+#define HEADWISE_KERNELS_ATTENTION_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "cachesvc/base/dtype.h"
+
+namespace headwise::kernels {
+
+// Bytes of one page slot: K and V blocks of `page_tokens` x `head_dim` in `dtype`.
+constexpr int64_t PageBytes(int page_tokens, int head_dim, DType dtype) {
+  return 2 * int64_t{page_tokens} * head_dim * static_cast<int64_t>(DTypeSize(dtype));
+}
+
+// A read-only view of one sequence's paged KV for one layer. Plain pointers and counts: the
+// same struct describes host and device memory.
+struct PagedKvView {
+  const std::byte* pool = nullptr;         // Base of the page slots.
+  const int32_t* indptr = nullptr;         // [num_kv_heads + 1], non-decreasing, indptr[0] = 0.
+  const int32_t* indices = nullptr;        // [indptr[num_kv_heads]] page slots.
+  const int32_t* last_page_len = nullptr;  // [num_kv_heads], 1..page_tokens where pages exist.
+  // Optional per-token logit bias, indexed like the pool: bias[slot * page_tokens + t].
+  // A token that stands for n merged tokens carries ln(n). Null: no bias.
+  const float* token_bias = nullptr;
+  int num_kv_heads = 0;
+  int page_tokens = 0;
+  int head_dim = 0;
+  DType dtype = DType::kF16;
+
+  // Tokens held by KV head `h` (requires a validated view).
+  int64_t HeadTokens(int h) const {
+    const int32_t pages = indptr[h + 1] - indptr[h];
+    return pages == 0 ? 0 : int64_t{pages - 1} * page_tokens + last_page_len[h];
+  }
+};
+
+// OK when the view is well formed: positive sizes, supported head_dim and dtype, non-null
+// arrays, monotone indptr, last_page_len in range, indices in [0, max_slots) when
+// max_slots > 0.
+absl::Status ValidatePagedKvView(const PagedKvView& kv, int64_t max_slots = 0);
+
+// Decode attention: one query token per query head over all cached tokens of one layer.
+struct DecodeArgs {
+  const float* q = nullptr;  // [num_q_heads][head_dim], required.
+  int num_q_heads = 0;       // A positive multiple of kv.num_kv_heads.
+  float scale = 0.0f;        // Logit scale; 0 means 1/sqrt(head_dim).
+  float* o = nullptr;        // [num_q_heads][head_dim], required. Zeros for a head with no tokens.
+  float* lse = nullptr;      // [num_q_heads] natural-log sum of exp(logits); -inf if no tokens.
+                             // Optional.
+  // Optional policy statistics. Both are indexed by CSR page position j (0..indptr[H]):
+  //   token_probs[j * page_tokens + t]: probability of token t of page j, averaged over the
+  //     query heads of the group (entries past a partial last page are set to 0);
+  //   page_mass[j]: the sum of token_probs over the page.
+  float* token_probs = nullptr;
+  float* page_mass = nullptr;
+  int num_threads = 1;  // OpenMP threads for this call; <= 0 means omp_get_max_threads().
+};
+absl::Status DecodeAttention(const PagedKvView& kv, const DecodeArgs& args);
+
+// Chunked causal prefill: T new tokens whose K/V are given densely attend to every cached
+// token of `kv` plus the chunk's tokens up to and including their own position. The result
+// equals T decode steps in which the chunk's tokens were appended one at a time.
+struct PrefillArgs {
+  int num_tokens = 0;            // T >= 1.
+  const float* q = nullptr;      // [T][num_q_heads][head_dim], required.
+  const void* k_new = nullptr;   // [T][num_kv_heads][head_dim] in kv.dtype, required.
+  const void* v_new = nullptr;   // [T][num_kv_heads][head_dim] in kv.dtype, required.
+  int num_q_heads = 0;
+  float scale = 0.0f;            // 0 means 1/sqrt(head_dim).
+  float* o = nullptr;            // [T][num_q_heads][head_dim], required.
+  float* lse = nullptr;          // [T][num_q_heads], optional.
+  int num_threads = 1;
+};
+absl::Status PrefillAttention(const PagedKvView& kv, const PrefillArgs& args);
+
+// Merges partial attention states computed over disjoint token sets (FlashAttention's
+// merge_state, policies.md §0.2): lse = ln(sum_i e^{lse_i}), o = sum_i e^{lse_i - lse} o_i.
+// A part with lse = -inf (no tokens) contributes nothing; if all are -inf, o = 0, lse = -inf.
+// Each part holds `rows` states of `head_dim` floats. `o_out` may alias o_parts[0].
+absl::Status MergeAttentionStates(const float* const* o_parts, const float* const* lse_parts,
+                                  int num_parts, int rows, int head_dim, float* o_out,
+                                  float* lse_out);
+
+// Per-channel min and max of the keys of one page (Quest bounds): the first `tokens` rows of
+// the K block. kmin and kmax hold head_dim floats each.
+absl::Status ComputeKeyBounds(const std::byte* page, DType dtype, int page_tokens, int tokens,
+                              int head_dim, float* kmin, float* kmax);
+
+// KIVI-style asymmetric quantization of one page (policies.md §8.1). Keys are quantized per
+// channel with groups of `group_size` consecutive tokens; values per token with groups of
+// `group_size` consecutive channels. Each group stores a float scale and minimum;
+// x̂ = code * scale + min with code = clamp(round((x - min) / scale), 0, 2^bits - 1).
+struct QuantParams {
+  int bits = 4;         // 2, 4 or 8.
+  int group_size = 32;  // Divides page_tokens (keys) and head_dim (values); <= both.
+};
+
+// Bytes of a quantized page for the given shape: packed codes of K and V, then per-group
+// scales and minimums as f32. The exact layout is in docs/kernels.md.
+int64_t QuantizedPageBytes(int page_tokens, int head_dim, const QuantParams& params);
+
+// Quantizes the full page (all page_tokens rows) at `page` into `out` (QuantizedPageBytes).
+absl::Status QuantizePage(const std::byte* page, DType dtype, int page_tokens, int head_dim,
+                          const QuantParams& params, std::byte* out);
+// Inverse: writes a page in `dtype` (PageBytes) at `page`.
+absl::Status DequantizePage(const std::byte* quantized, int page_tokens, int head_dim,
+                            const QuantParams& params, DType dtype, std::byte* page);
+
+// Merges n tokens into one representative: count-weighted means
+//   k̄ = Σ c_i k_i / Σ c_i,  v̄ = Σ c_i v_i / Σ c_i,  bias = ln Σ c_i,
+// where c_i is counts[i] (tokens already standing for several merged tokens) or 1 when
+// counts is null. k and v are [n][head_dim] in `dtype`; k_out, v_out are written in `dtype`;
+// the attention kernels apply `bias` through PagedKvView::token_bias.
+absl::Status MergeTokens(const std::byte* k, const std::byte* v, const float* counts, int n,
+                         int head_dim, DType dtype, std::byte* k_out, std::byte* v_out,
+                         float* bias_out);
+
+}  // namespace headwise::kernels
+
+#endif  // HEADWISE_KERNELS_ATTENTION_H_
