@@ -42,6 +42,7 @@ struct PagedKvView {
   // Optional per-token logit bias, indexed like the pool: bias[slot * page_tokens + t].
   // A token that stands for n merged tokens carries ln(n). Null: no bias.
   const float* token_bias = nullptr;
+  int64_t num_slots = 0;  // Slots in the pool; every index must be below it.
   int num_kv_heads = 0;
   int page_tokens = 0;
   int head_dim = 0;
@@ -55,9 +56,9 @@ struct PagedKvView {
 };
 
 // OK when the view is well formed: positive sizes, supported head_dim and dtype, non-null
-// arrays, monotone indptr, last_page_len in range, indices in [0, max_slots) when
-// max_slots > 0.
-absl::Status ValidatePagedKvView(const PagedKvView& kv, int64_t max_slots = 0);
+// arrays, indptr non-decreasing from 0, last_page_len in 1..page_tokens for heads with pages,
+// every index in [0, num_slots). Reads the CSR arrays, so they must be host memory.
+absl::Status ValidatePagedKvView(const PagedKvView& kv);
 
 // Decode attention: one query token per query head over all cached tokens of one layer.
 struct DecodeArgs {

@@ -23,7 +23,7 @@ absl::StatusOr<DType> ParseDType(std::string_view name) {
   if (name == str) return DType::enumerator;
 #include "cachesvc/base/dtype.def"
 #undef HEADWISE_DTYPE
-  return absl::InvalidArgumentError(absl::StrCat("unknown dtype '", name, "'"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown dtype '", std::string(name), "'"));
 }
 
 float HalfToFloat(uint16_t h) {

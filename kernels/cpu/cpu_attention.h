@@ -1,0 +1,48 @@
+// Internal: the CPU backend's entry points behind kernels/attention.h. Arguments arrive
+// validated (kernels/attention.cc); nothing here re-checks them.
+#ifndef HEADWISE_KERNELS_CPU_CPU_ATTENTION_H_
+#define HEADWISE_KERNELS_CPU_CPU_ATTENTION_H_
+
+#include <cstdint>
+
+#include "cachesvc/base/dtype.h"
+#include "kernels/attention.h"
+
+namespace headwise::kernels::cpu {
+
+// Running softmax state of `rows` query rows: row r has max m[r], denominator l[r] and the
+// un-normalized output o[r * head_dim ...]. Start from m = -inf, l = 0, o = 0.
+struct RowState {
+  float* m = nullptr;
+  float* l = nullptr;
+  float* o = nullptr;
+};
+
+// Token rows of K and V in the storage dtype: row t of K is at k + t * row_stride elements.
+struct TokenRows {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t row_stride = 0;      // Elements between consecutive tokens.
+  int num_tokens = 0;          // n
+  const float* bias = nullptr;  // [n] logit bias, or null.
+};
+
+// Folds tokens into the running state of `rows` query rows q[rows][head_dim] (already
+// multiplied by the logit scale). Row r sees tokens [0, min(n, visible[r])) when `visible`
+// is not null (causal masking of a prefill chunk), all n otherwise.
+// When `logits` is not null, logits[t * rows + r] receives the logit of row r for token t
+// (rows that do not see token t get -inf).
+// `scratch` holds at least kAttendScratchRows * n floats.
+void AttendRows(DType dtype, int head_dim, int rows, const float* q, const int32_t* visible,
+                const TokenRows& tokens, RowState state, float* logits, float* scratch);
+inline constexpr int kAttendScratchRows = 8;
+
+// Backend halves of kernels/attention.h, called after validation.
+void Decode(const PagedKvView& kv, const DecodeArgs& args);
+void Prefill(const PagedKvView& kv, const PrefillArgs& args);
+void MergeStates(const float* const* o_parts, const float* const* lse_parts, int num_parts,
+                 int rows, int head_dim, float* o_out, float* lse_out);
+
+}  // namespace headwise::kernels::cpu
+
+#endif  // HEADWISE_KERNELS_CPU_CPU_ATTENTION_H_
