@@ -4,9 +4,10 @@ option(HEADWISE_WERROR "Treat warnings as errors" OFF)
 set(HEADWISE_SANITIZE "" CACHE STRING "Sanitizer build: '', 'asan' (ASan+UBSan) or 'tsan'")
 set(HEADWISE_CUDA "AUTO" CACHE STRING "Build the CUDA backend: AUTO (when nvcc is found), ON, OFF")
 
-add_compile_options(-Wall -Wextra)
+# Host-compiler warnings; nvcc takes them through -Xcompiler in kernels/cuda.
+add_compile_options($<$<COMPILE_LANGUAGE:C,CXX>:-Wall> $<$<COMPILE_LANGUAGE:C,CXX>:-Wextra>)
 if(HEADWISE_WERROR)
-  add_compile_options(-Werror)
+  add_compile_options($<$<COMPILE_LANGUAGE:C,CXX>:-Werror>)
 endif()
 
 if(HEADWISE_SANITIZE STREQUAL "asan")

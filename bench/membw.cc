@@ -1,0 +1,59 @@
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "membw.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+// Must come after foreach_target.h.
+#include "hwy/highway.h"
+
+#ifndef HEADWISE_BENCH_MEMBW_ONCE_
+#define HEADWISE_BENCH_MEMBW_ONCE_
+#include <omp.h>
+
+#include "bench/membw.h"
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace headwise::bench {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+float SumF32(const float* data, int64_t n) {
+  const hn::ScalableTag<float> df;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  // Four independent accumulators so the adds never wait on each other.
+  auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+  int64_t i = 0;
+  for (; i + 4 * lanes <= n; i += 4 * lanes) {
+    a0 = hn::Add(a0, hn::LoadU(df, data + i));
+    a1 = hn::Add(a1, hn::LoadU(df, data + i + lanes));
+    a2 = hn::Add(a2, hn::LoadU(df, data + i + 2 * lanes));
+    a3 = hn::Add(a3, hn::LoadU(df, data + i + 3 * lanes));
+  }
+  float sum = hn::GetLane(hn::SumOfLanes(df, hn::Add(hn::Add(a0, a1), hn::Add(a2, a3))));
+  for (; i < n; ++i) sum += data[i];
+  return sum;
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace headwise::bench
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace headwise::bench {
+
+HWY_EXPORT(SumF32);
+
+float SumBytesAsF32(const std::byte* data, int64_t bytes, int threads) {
+  const float* f = reinterpret_cast<const float*>(data);
+  const int64_t n = bytes / 4;
+  float total = 0.0f;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t begin = n * t / nt / 16 * 16, end = t + 1 == nt ? n : n * (t + 1) / nt / 16 * 16;
+    total += HWY_DYNAMIC_DISPATCH(SumF32)(f + begin, end - begin);
+  }
+  return total;
+}
+
+}  // namespace headwise::bench
+#endif  // HWY_ONCE

@@ -1,0 +1,17 @@
+// Memory read bandwidth baseline for benchmarks: a plain vectorized reduction.
+#ifndef HEADWISE_BENCH_MEMBW_H_
+#define HEADWISE_BENCH_MEMBW_H_
+
+#include <cstddef>
+#include <cstdint>
+
+namespace headwise::bench {
+
+// Sums `bytes` bytes (a multiple of 64) read as f32 with `threads` OpenMP threads, using the
+// widest SIMD the CPU has. The result is meaningless; the time it takes is the machine's read
+// bandwidth for this buffer.
+float SumBytesAsF32(const std::byte* data, int64_t bytes, int threads);
+
+}  // namespace headwise::bench
+
+#endif  // HEADWISE_BENCH_MEMBW_H_

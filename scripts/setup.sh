@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs what the build needs (Debian packages, idempotently), then configures and builds.
+#
+#   scripts/setup.sh                 # Release-with-debug-info build in build/
+#   scripts/setup.sh --asan          # ASan+UBSan build in build-asan/
+#   scripts/setup.sh --tsan          # ThreadSanitizer build in build-tsan/
+#   scripts/setup.sh --no-build      # packages only
+# Extra CMake arguments can be passed in HEADWISE_CMAKE_ARGS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sanitize=""
+build_dir="build"
+do_build=1
+for arg in "$@"; do
+  case "$arg" in
+    --asan) sanitize=asan; build_dir=build-asan ;;
+    --tsan) sanitize=tsan; build_dir=build-tsan ;;
+    --no-build) do_build=0 ;;
+    *) echo "setup.sh: unknown argument '$arg'" >&2; exit 2 ;;
+  esac
+done
+
+# The Debian packages the build uses (docs: ../shared/docs/build-notes.md).
+packages=(
+  build-essential cmake pkg-config git
+  libabsl-dev libhwy-dev libgtest-dev libgmock-dev libbenchmark-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  librocksdb-dev libspdlog-dev nlohmann-json3-dev libcpp-httplib-dev libxxhash-dev
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}"
+fi
+
+[ "$do_build" -eq 1 ] || exit 0
+
+jobs=$(nproc)
+# shellcheck disable=SC2086
+cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHEADWISE_SANITIZE="$sanitize" \
+  ${HEADWISE_CMAKE_ARGS:-}
+cmake --build "$build_dir" -j "$jobs"
