@@ -2,6 +2,8 @@
 # docs: ../shared/docs/build-notes.md lists how each Debian package exposes itself to CMake.
 
 find_package(absl CONFIG REQUIRED)
+find_package(Protobuf REQUIRED)
+find_package(gRPC CONFIG REQUIRED)
 find_package(hwy CONFIG REQUIRED)
 find_package(OpenMP REQUIRED)
 find_package(GTest REQUIRED)

@@ -1,0 +1,65 @@
+#include "policies/accounting.h"
+
+#include <algorithm>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "cachesvc/base/status_macros.h"
+
+namespace headwise {
+
+HeadRetention FullRetention(int64_t seq_len, int page_tokens) {
+  return {.pages = (seq_len + page_tokens - 1) / page_tokens, .tokens = seq_len};
+}
+
+HeadRetention RetainedForHead(const EvictionSpec& spec, HeadRole role, int64_t seq_len,
+                              int page_tokens) {
+  const bool evicts =
+      spec.method == EvictionSpec::Method::kStreamingLlm ||
+      (spec.method == EvictionSpec::Method::kDuoAttention && role == HeadRole::kStreaming);
+  const HeadRetention full = FullRetention(seq_len, page_tokens);
+  if (!evicts || seq_len == 0) return full;
+  const int64_t p = page_tokens;
+  // Pages [0, sink_pages) hold a sink position; pages [first_recent, full.pages) hold a recent
+  // position or are the last page. Everything between is dropped.
+  const int64_t sink_pages = (spec.window.sink_tokens + p - 1) / p;
+  const int64_t window_start = std::max<int64_t>(0, seq_len - spec.window.recent_tokens);
+  const int64_t first_recent =
+      std::min(window_start / p, full.pages - 1);  // min(): the last page always stays.
+  const int64_t kept_head_pages = std::min(sink_pages, first_recent);
+  return {.pages = kept_head_pages + (full.pages - first_recent),
+          .tokens = kept_head_pages * p + (seq_len - first_recent * p)};
+}
+
+absl::StatusOr<KvFootprint> ComputeKvFootprint(const ModelLayout& layout, int64_t seq_len,
+                                               const HeadRoles& roles, const EvictionSpec& spec) {
+  RETURN_IF_ERROR(ValidateLayout(layout));
+  RETURN_IF_ERROR(ValidateWindow(spec.window));
+  if (seq_len < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat("seq_len must be >= 0, got %d", seq_len));
+  }
+  if (roles.num_layers() != layout.num_layers || roles.num_kv_heads() != layout.num_kv_heads) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "head roles are %d x %d but the layout has %d layers x %d kv heads", roles.num_layers(),
+        roles.num_kv_heads(), layout.num_layers, layout.num_kv_heads));
+  }
+  KvFootprint footprint;
+  footprint.seq_len = seq_len;
+  footprint.per_head.reserve(static_cast<size_t>(layout.num_layers) * layout.num_kv_heads);
+  const HeadRetention full = FullRetention(seq_len, layout.page_tokens);
+  for (int l = 0; l < layout.num_layers; ++l) {
+    for (int h = 0; h < layout.num_kv_heads; ++h) {
+      const HeadRetention kept =
+          RetainedForHead(spec, roles.role(LayerId(l), HeadId(h)), seq_len, layout.page_tokens);
+      footprint.per_head.push_back(kept);
+      footprint.retained_pages += kept.pages;
+      footprint.retained_tokens += kept.tokens;
+      footprint.full_pages += full.pages;
+    }
+  }
+  footprint.retained_bytes = footprint.retained_pages * layout.page_bytes();
+  footprint.full_bytes = footprint.full_pages * layout.page_bytes();
+  return footprint;
+}
+
+}  // namespace headwise
