@@ -102,9 +102,8 @@ void NaiveDecode(const kernels::PagedKvView& kv, const float* q, int num_q_heads
     scores.assign(n, 0.0f);
     float mx = -INFINITY;
     for (int64_t i = 0; i < n; ++i) {
-      const void* page =
-          kv.pool + kv.indices[kv.indptr[h] + i / kv.page_tokens] * 2 * page_elems *
-                        static_cast<int64_t>(DTypeSize(kv.dtype));
+      const void* page = kv.pool + kv.indices[kv.indptr[h] + i / kv.page_tokens] * 2 * page_elems *
+                                       static_cast<int64_t>(DTypeSize(kv.dtype));
       float dot = 0.0f;
       for (int c = 0; c < d; ++c) {
         dot += q[qh * d + c] * LoadAsFloat(page, kv.dtype, (i % kv.page_tokens) * d + c);
@@ -116,9 +115,8 @@ void NaiveDecode(const kernels::PagedKvView& kv, const float* q, int num_q_heads
     for (int64_t i = 0; i < n; ++i) sum += scores[i] = std::exp(scores[i] - mx);
     for (int c = 0; c < d; ++c) o[qh * d + c] = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
-      const void* page =
-          kv.pool + kv.indices[kv.indptr[h] + i / kv.page_tokens] * 2 * page_elems *
-                        static_cast<int64_t>(DTypeSize(kv.dtype));
+      const void* page = kv.pool + kv.indices[kv.indptr[h] + i / kv.page_tokens] * 2 * page_elems *
+                                       static_cast<int64_t>(DTypeSize(kv.dtype));
       const float p = scores[i] / sum;
       for (int c = 0; c < d; ++c) {
         o[qh * d + c] += p * LoadAsFloat(page, kv.dtype, page_elems + (i % kv.page_tokens) * d + c);
@@ -161,7 +159,8 @@ double NaiveSeconds(const PagedCache& cache, const std::vector<float>& q, int nu
   const auto key = std::make_tuple(static_cast<int>(cache.dtype), cache.kv_heads, cache.kv_bytes);
   if (auto it = memo.find(key); it != memo.end()) return it->second;
   std::vector<float> o(q.size());
-  const double s = MedianSeconds(1, [&] { NaiveDecode(cache.view(), q.data(), num_q_heads, o.data()); });
+  const double s =
+      MedianSeconds(1, [&] { NaiveDecode(cache.view(), q.data(), num_q_heads, o.data()); });
   memo[key] = s;
   return s;
 }
@@ -197,7 +196,8 @@ void BM_DecodeAttention(benchmark::State& state) {
   const double reduce_s = MedianSeconds(3, [&] {
     benchmark::DoNotOptimize(SumBytesAsF32(cache.pool.get(), cache.kv_bytes, threads));
   });
-  const double attend_s = MedianSeconds(3, [&] { (void)kernels::DecodeAttention(cache.view(), args); });
+  const double attend_s =
+      MedianSeconds(3, [&] { (void)kernels::DecodeAttention(cache.view(), args); });
   const double naive_s = NaiveSeconds(cache, q, num_q_heads);
   state.counters["KV_GBps"] = cache.kv_bytes / attend_s / 1e9;
   state.counters["membw_GBps"] = cache.kv_bytes / reduce_s / 1e9;
@@ -220,7 +220,10 @@ void Shapes(benchmark::internal::Benchmark* b) {
   }
 }
 
-BENCHMARK(BM_DecodeAttention)->Apply(Shapes)->UseRealTime()->Unit(benchmark::kMillisecond)
+BENCHMARK(BM_DecodeAttention)
+    ->Apply(Shapes)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond)
     ->MinTime(0.3);
 
 }  // namespace

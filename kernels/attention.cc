@@ -21,9 +21,9 @@ bool IsKnownDType(DType dtype) {
 
 absl::Status ValidateQueryHeads(const PagedKvView& kv, int num_q_heads) {
   if (num_q_heads <= 0 || num_q_heads % kv.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "num_q_heads (%d) must be a positive multiple of num_kv_heads (%d)", num_q_heads,
-        kv.num_kv_heads));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("num_q_heads (%d) must be a positive multiple of num_kv_heads (%d)",
+                        num_q_heads, kv.num_kv_heads));
   }
   return absl::OkStatus();
 }
@@ -46,8 +46,8 @@ absl::Status ValidatePagedKvView(const PagedKvView& kv) {
     const int32_t pages = kv.indptr[h + 1] - kv.indptr[h];
     if (pages < 0) return Invalid("indptr must be non-decreasing");
     if (pages > 0 && (kv.last_page_len[h] < 1 || kv.last_page_len[h] > kv.page_tokens)) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "last_page_len[%d] = %d is outside 1..%d", h, kv.last_page_len[h], kv.page_tokens));
+      return absl::InvalidArgumentError(absl::StrFormat("last_page_len[%d] = %d is outside 1..%d",
+                                                        h, kv.last_page_len[h], kv.page_tokens));
     }
   }
   const int32_t total_pages = kv.indptr[kv.num_kv_heads];

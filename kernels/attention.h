@@ -82,14 +82,14 @@ absl::Status DecodeAttention(const PagedKvView& kv, const DecodeArgs& args);
 // token of `kv` plus the chunk's tokens up to and including their own position. The result
 // equals T decode steps in which the chunk's tokens were appended one at a time.
 struct PrefillArgs {
-  int num_tokens = 0;            // T >= 1.
-  const float* q = nullptr;      // [T][num_q_heads][head_dim], required.
-  const void* k_new = nullptr;   // [T][num_kv_heads][head_dim] in kv.dtype, required.
-  const void* v_new = nullptr;   // [T][num_kv_heads][head_dim] in kv.dtype, required.
+  int num_tokens = 0;           // T >= 1.
+  const float* q = nullptr;     // [T][num_q_heads][head_dim], required.
+  const void* k_new = nullptr;  // [T][num_kv_heads][head_dim] in kv.dtype, required.
+  const void* v_new = nullptr;  // [T][num_kv_heads][head_dim] in kv.dtype, required.
   int num_q_heads = 0;
-  float scale = 0.0f;            // 0 means 1/sqrt(head_dim).
-  float* o = nullptr;            // [T][num_q_heads][head_dim], required.
-  float* lse = nullptr;          // [T][num_q_heads], optional.
+  float scale = 0.0f;    // 0 means 1/sqrt(head_dim).
+  float* o = nullptr;    // [T][num_q_heads][head_dim], required.
+  float* lse = nullptr;  // [T][num_q_heads], optional.
   int num_threads = 1;
 };
 absl::Status PrefillAttention(const PagedKvView& kv, const PrefillArgs& args);

@@ -20,15 +20,15 @@ bool IsSupportedHeadDim(int head_dim) {
 }
 
 std::string ModelLayout::DebugString() const {
-  return absl::StrFormat(
-      "layers=%d q_heads=%d kv_heads=%d head_dim=%d dtype=%s page_tokens=%d", num_layers,
-      num_q_heads, num_kv_heads, head_dim, DTypeName(dtype), page_tokens);
+  return absl::StrFormat("layers=%d q_heads=%d kv_heads=%d head_dim=%d dtype=%s page_tokens=%d",
+                         num_layers, num_q_heads, num_kv_heads, head_dim, DTypeName(dtype),
+                         page_tokens);
 }
 
 absl::Status ValidateLayout(const ModelLayout& layout) {
   auto bad = [&](const char* what) {
-    return absl::InvalidArgumentError(absl::StrFormat("layout: %s (%s)", what,
-                                                      layout.DebugString()));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("layout: %s (%s)", what, layout.DebugString()));
   };
   if (layout.num_layers < 1 || layout.num_layers > 1024) return bad("num_layers must be 1..1024");
   if (layout.num_kv_heads < 1 || layout.num_kv_heads > 256) {

@@ -32,9 +32,7 @@ struct ModelLayout {
   // Bytes of one page: K block [page_tokens][head_dim] followed by V block of the same shape.
   int64_t page_bytes() const { return page_tokens * token_bytes_per_head(); }
   // Bytes of KV for one token over every layer and KV head.
-  int64_t token_bytes() const {
-    return token_bytes_per_head() * num_kv_heads * num_layers;
-  }
+  int64_t token_bytes() const { return token_bytes_per_head() * num_kv_heads * num_layers; }
 
   std::string DebugString() const;
 };

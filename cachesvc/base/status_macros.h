@@ -8,10 +8,10 @@
 #include "absl/status/statusor.h"
 
 // Evaluates `expr` (an absl::Status) and returns it from the enclosing function when not OK.
-#define RETURN_IF_ERROR(expr)                                        \
-  do {                                                               \
-    ::absl::Status headwise_status_ = (expr);                        \
-    if (!headwise_status_.ok()) return headwise_status_;             \
+#define RETURN_IF_ERROR(expr)                            \
+  do {                                                   \
+    ::absl::Status headwise_status_ = (expr);            \
+    if (!headwise_status_.ok()) return headwise_status_; \
   } while (false)
 
 #define HEADWISE_STATUS_CONCAT_INNER_(a, b) a##b

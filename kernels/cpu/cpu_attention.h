@@ -22,9 +22,13 @@ struct RowState {
 struct TokenRows {
   const void* k = nullptr;
   const void* v = nullptr;
-  int64_t row_stride = 0;      // Elements between consecutive tokens.
-  int num_tokens = 0;          // n
+  int64_t row_stride = 0;       // Elements between consecutive tokens.
+  int num_tokens = 0;           // n
   const float* bias = nullptr;  // [n] logit bias, or null.
+  // Optional: bytes that will be read next (the next page), prefetched while these tokens are
+  // scored so that scattered pages do not stall on memory latency.
+  const std::byte* prefetch = nullptr;
+  int64_t prefetch_bytes = 0;
 };
 
 // Folds tokens into the running state of `rows` query rows q[rows][head_dim] (already

@@ -35,16 +35,16 @@ std::vector<Piece> SplitPages(const PagedKvView& kv, int threads) {
   const int64_t total_pages = kv.indptr[kv.num_kv_heads];
   int64_t pages_per_piece = std::numeric_limits<int32_t>::max();
   if (threads > 1) {
-    pages_per_piece = std::max<int64_t>(
-        kMinPagesPerPiece, (total_pages + threads * kPiecesPerThread - 1) /
-                               (int64_t{threads} * kPiecesPerThread));
+    pages_per_piece =
+        std::max<int64_t>(kMinPagesPerPiece, (total_pages + threads * kPiecesPerThread - 1) /
+                                                 (int64_t{threads} * kPiecesPerThread));
   }
   std::vector<Piece> pieces;
   for (int h = 0; h < kv.num_kv_heads; ++h) {
     for (int64_t p = kv.indptr[h]; p < kv.indptr[h + 1]; p += pages_per_piece) {
-      pieces.push_back(Piece{h, static_cast<int>(p),
-                             static_cast<int>(std::min<int64_t>(p + pages_per_piece,
-                                                                kv.indptr[h + 1]))});
+      pieces.push_back(
+          Piece{h, static_cast<int>(p),
+                static_cast<int>(std::min<int64_t>(p + pages_per_piece, kv.indptr[h + 1]))});
     }
   }
   return pieces;
@@ -89,8 +89,8 @@ struct PartialStates {
 // by `row_of(head, i)` for the i-th of the head's `rows_per_head` rows.
 template <typename RowOf>
 void MergePieces(const std::vector<Piece>& pieces, std::vector<PartialStates>& partials,
-                 int num_heads, int rows_per_head, int head_dim, RowOf row_of, float* o,
-                 float* lse, int threads) {
+                 int num_heads, int rows_per_head, int head_dim, RowOf row_of, float* o, float* lse,
+                 int threads) {
   // Pieces of a head are consecutive in `pieces`; find each head's range.
   std::vector<int> first(num_heads + 1, static_cast<int>(pieces.size()));
   for (int i = static_cast<int>(pieces.size()) - 1; i >= 0; --i) first[pieces[i].head] = i;
@@ -133,6 +133,7 @@ void Decode(const PagedKvView& kv, const DecodeArgs& args) {
 
   const std::vector<Piece> pieces = SplitPages(kv, threads);
   std::vector<PartialStates> partials(pieces.size(), PartialStates(group, d));
+  const int64_t page_bytes = PageBytes(kv.page_tokens, d, kv.dtype);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scratch(int64_t{kAttendScratchRows} * kv.page_tokens);
@@ -143,8 +144,13 @@ void Decode(const PagedKvView& kv, const DecodeArgs& args) {
       for (int j = piece.page_begin; j < piece.page_end; ++j) {
         float* page_logits =
             want_stats ? logits.data() + int64_t{j} * kv.page_tokens * group : nullptr;
-        AttendRows(kv.dtype, d, group, q, nullptr, PageRows(kv, piece.head, j),
-                   partials[i].state(), page_logits, scratch.data());
+        TokenRows rows = PageRows(kv, piece.head, j);
+        if (j + 1 < piece.page_end) {
+          rows.prefetch = kv.pool + int64_t{kv.indices[j + 1]} * page_bytes;
+          rows.prefetch_bytes = page_bytes;
+        }
+        AttendRows(kv.dtype, d, group, q, nullptr, rows, partials[i].state(), page_logits,
+                   scratch.data());
       }
       partials[i].Finish(d);
     }
@@ -167,7 +173,7 @@ void Decode(const PagedKvView& kv, const DecodeArgs& args) {
       [group](int h, int r) { return int64_t{h} * group + r; }, args.o, lse, threads);
   if (!want_stats) return;
 
-  // Probabilities need the final LSE of each query row, so they are computed after the merge.
+    // Probabilities need the final LSE of each query row, so they are computed after the merge.
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t j = 0; j < total_pages; ++j) {
     const int h = static_cast<int>(std::upper_bound(kv.indptr, kv.indptr + kv.num_kv_heads + 1,
@@ -219,15 +225,15 @@ void Prefill(const PagedKvView& kv, const PrefillArgs& args) {
   std::vector<Piece> cached = SplitPages(kv, threads);
   std::vector<Piece> pieces;
   for (int h = 0, i = 0; h < kv.num_kv_heads; ++h) {
-    while (i < static_cast<int>(cached.size()) && cached[i].head == h) pieces.push_back(cached[i++]);
+    while (i < static_cast<int>(cached.size()) && cached[i].head == h)
+      pieces.push_back(cached[i++]);
     pieces.push_back(Piece{h, -1, -1});
   }
   std::vector<PartialStates> partials(pieces.size(), PartialStates(rows, d));
   const int64_t chunk_row_stride = int64_t{kv.num_kv_heads} * d;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> scratch(int64_t{kAttendScratchRows} *
-                               std::max(kv.page_tokens, t_new));
+    std::vector<float> scratch(int64_t{kAttendScratchRows} * std::max(kv.page_tokens, t_new));
 #pragma omp for schedule(dynamic, 1)
     for (size_t i = 0; i < pieces.size(); ++i) {
       const Piece& piece = pieces[i];

@@ -20,7 +20,7 @@ TEST(ModelLayout, Llama3SizesMatchThePublishedFigures) {
   const ModelLayout layout = Llama3_8B();
   ASSERT_TRUE(ValidateLayout(layout).ok());
   EXPECT_EQ(layout.group_size(), 4);
-  EXPECT_EQ(layout.token_bytes(), 131072);           // 128 KiB of KV per token.
+  EXPECT_EQ(layout.token_bytes(), 131072);                    // 128 KiB of KV per token.
   EXPECT_EQ(layout.token_bytes() << 20, int64_t{128} << 30);  // 128 GiB at 2^20 tokens.
   EXPECT_EQ(layout.page_bytes(), 32768);
 }

@@ -115,9 +115,7 @@ INSTANTIATE_TEST_SUITE_P(
                              std::get<1>(info.param), std::get<2>(info.param));
     });
 
-TEST(DecodeAttention, SingleToken) {
-  CheckDecode({DType::kF16, 128, 4, 1, 64, {1}, 1, false}, 7);
-}
+TEST(DecodeAttention, SingleToken) { CheckDecode({DType::kF16, 128, 4, 1, 64, {1}, 1, false}, 7); }
 
 TEST(DecodeAttention, ExactlyFullPages) {
   CheckDecode({DType::kBF16, 64, 2, 3, 16, {16, 48, 160}, 2, false}, 8);

@@ -89,8 +89,7 @@ TEST(MergeAttentionStates, AllEmptyPartsGiveZeroAndNegInf) {
   const float* o_parts[] = {o1.data(), o2.data()};
   const float* lse_parts[] = {lse1.data(), lse2.data()};
   std::vector<float> out(8, 1.0f), out_lse(1, 0.0f);
-  ASSERT_TRUE(
-      MergeAttentionStates(o_parts, lse_parts, 2, 1, 8, out.data(), out_lse.data()).ok());
+  ASSERT_TRUE(MergeAttentionStates(o_parts, lse_parts, 2, 1, 8, out.data(), out_lse.data()).ok());
   EXPECT_EQ(out_lse[0], -inf);
   for (float x : out) EXPECT_EQ(x, 0.0f);
 }

@@ -27,7 +27,9 @@ class RandomPagedKv {
   // [0, 2) (as merged tokens would).
   RandomPagedKv(DType dtype, int head_dim, int page_tokens, std::vector<int64_t> tokens_per_head,
                 uint32_t seed, bool with_bias = false, int spare_slots = 3)
-      : dtype_(dtype), head_dim_(head_dim), page_tokens_(page_tokens),
+      : dtype_(dtype),
+        head_dim_(head_dim),
+        page_tokens_(page_tokens),
         tokens_(std::move(tokens_per_head)) {
     std::mt19937_64 rng(seed);
     const int heads = static_cast<int>(tokens_.size());

@@ -31,9 +31,9 @@ struct PrefillCase {
 };
 
 void CheckPrefill(const PrefillCase& c, uint32_t seed) {
-  SCOPED_TRACE(absl::StrFormat("%s d=%d g=%d H=%d P=%d S=%d T=%d threads=%d",
-                               DTypeName(c.dtype), c.head_dim, c.group, c.kv_heads,
-                               c.page_tokens, c.cached, c.chunk, c.threads));
+  SCOPED_TRACE(absl::StrFormat("%s d=%d g=%d H=%d P=%d S=%d T=%d threads=%d", DTypeName(c.dtype),
+                               c.head_dim, c.group, c.kv_heads, c.page_tokens, c.cached, c.chunk,
+                               c.threads));
   const int d = c.head_dim;
   const int num_q = c.kv_heads * c.group;
   // One cache holding cached + chunk tokens; prefill sees its first `cached` tokens as pages
@@ -87,8 +87,7 @@ void CheckPrefill(const PrefillCase& c, uint32_t seed) {
       const auto ref = ReferenceAttention(
           step.q + int64_t{qh} * d, d, 1.0 / std::sqrt(double(d)), c.cached + t + 1,
           [&](int64_t i, int ch) { return double{full.K(h, i, ch)}; },
-          [&](int64_t i, int ch) { return double{full.V(h, i, ch)}; },
-          [](int64_t) { return 0.0; });
+          [&](int64_t i, int ch) { return double{full.V(h, i, ch)}; }, [](int64_t) { return 0.0; });
       EXPECT_LT(MaxRelError(got, ref.o), kRelTol) << "token " << t << " q head " << qh;
       std::vector<double> decode_o(step_o.begin() + qh * d, step_o.begin() + (qh + 1) * d);
       EXPECT_LT(MaxRelError(got, decode_o), kRelTol) << "prefill != decode, token " << t;
