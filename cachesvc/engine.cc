@@ -1,0 +1,1095 @@
+#include "cachesvc/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "cachesvc/base/status_macros.h"
+#include "cachesvc/placement.h"
+#include "kernels/attention.h"
+#include "policies/eviction.h"
+#include "policies/head_roles.h"
+#include "policies/page_meta.h"
+
+namespace headwise {
+
+// One page payload, shared by the page tables of forked sequences. `refs` counts them. Its
+// location (tier, slot, disk_key) changes only while refs == 1, under the lock of the one
+// sequence that references it; the acquire load of refs orders that change after every other
+// sequence's last read (their release decrement).
+struct Engine::PhysPage {
+  std::atomic<int32_t> refs{1};
+  Tier tier = Tier::kHost;
+  uint64_t slot = 0;
+  PageKey disk_key;
+
+  bool exclusive() const { return refs.load(std::memory_order_acquire) == 1; }
+};
+
+// The page table of one (sequence, layer, kv head): metadata as policies see it, the payloads,
+// and the spare slots of the extent the head's pages are being taken from.
+struct Engine::HeadTable {
+  std::vector<PageMeta> meta;
+  std::vector<PhysPage*> phys;
+  Tier arena_tier = Tier::kHost;
+  Extent arena;
+  uint64_t arena_next = 0;  // Spare slots: [arena_next, arena.end_slot()).
+  bool has_arena = false;
+  int64_t tokens() const {
+    int64_t n = 0;
+    for (const PageMeta& m : meta) n += m.token_count;
+    return n;
+  }
+};
+
+struct Engine::Sequence {
+  absl::Mutex mu;
+  SequenceId id;
+  std::shared_ptr<const LayoutEntry> layout_entry;
+  headwise::v1::PolicySpec spec;
+  PlacementSpec placement;
+  HeadRoles roles;
+  std::unique_ptr<EvictionPolicy> eviction ABSL_GUARDED_BY(mu);
+  bool released ABSL_GUARDED_BY(mu) = false;
+  std::vector<int64_t> layer_len ABSL_GUARDED_BY(mu);
+  std::vector<HeadTable> heads ABSL_GUARDED_BY(mu);  // [layer * num_kv_heads + head].
+  int64_t step ABSL_GUARDED_BY(mu) = 0;
+  int64_t evicted_pages ABSL_GUARDED_BY(mu) = 0;
+
+  const ModelLayout& layout() const { return layout_entry->layout; }
+  HeadTable& table(int layer, int head) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return heads[static_cast<size_t>(layer) * layout().num_kv_heads + head];
+  }
+  int64_t length() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return *std::min_element(layer_len.begin(), layer_len.end());
+  }
+};
+
+// Device-resident pages of some heads of one layer, as a CSR view. For device_only the view
+// points at the pages themselves; otherwise at staging copies in `extents`.
+struct Engine::Staging {
+  int h_begin = 0;
+  int h_end = 0;
+  std::vector<int32_t> indptr;
+  std::vector<int32_t> indices;
+  std::vector<int32_t> last_page_len;
+  std::vector<Extent> extents;
+  std::vector<CopyTicket> tickets;
+  // The first failure reported by a move callback; shared with the callbacks, so a Staging may
+  // be moved while its copies run.
+  struct CopyState {
+    absl::Mutex mu;
+    absl::Status status ABSL_GUARDED_BY(mu);
+  };
+  std::shared_ptr<CopyState> copy_state = std::make_shared<CopyState>();
+  bool active = false;
+};
+
+namespace {
+
+constexpr int kNoLayer = -1;
+
+int64_t PagesFor(int64_t tokens, int page_tokens) {
+  return (tokens + page_tokens - 1) / page_tokens;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Creation, layouts, the sequence table.
+
+Engine::Engine(const EngineOptions& options)
+    : options_(options), clock_(options.clock != nullptr ? options.clock : Clock::Real()) {}
+
+Engine::~Engine() {
+  for (Shard& shard : shards_) {
+    absl::flat_hash_map<SequenceId, std::shared_ptr<Sequence>> sequences;
+    {
+      absl::MutexLock lock(&shard.mu);
+      sequences.swap(shard.sequences);
+    }
+    for (auto& [id, s] : sequences) {
+      absl::MutexLock lock(&s->mu);
+      ReleaseAllPages(*s);
+      s->released = true;
+    }
+  }
+  if (copier_ != nullptr) copier_->Shutdown();
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  if (options.device_budget_bytes == 0 || options.host_budget_bytes == 0) {
+    return absl::InvalidArgumentError("device and host budgets must be positive");
+  }
+  if (options.extent_pages < 1) return absl::InvalidArgumentError("extent_pages must be >= 1");
+  if (options.copy_threads < 1) return absl::InvalidArgumentError("copy_threads must be >= 1");
+  std::unique_ptr<Engine> engine(new Engine(options));
+  if (!options.disk_path.empty()) {
+    DiskStoreOptions disk;
+    disk.path = options.disk_path;
+    ASSIGN_OR_RETURN(engine->disk_, DiskStore::Open(disk));
+  }
+  return engine;
+}
+
+absl::Status Engine::RegisterLayout(const std::string& name, const ModelLayout& layout) {
+  if (name.empty()) return absl::InvalidArgumentError("layout name is empty");
+  RETURN_IF_ERROR(ValidateLayout(layout));
+  absl::MutexLock lock(&layouts_mu_);
+  if (auto it = layouts_.find(name); it != layouts_.end()) {
+    const ModelLayout& old = it->second->layout;
+    if (old.num_layers == layout.num_layers && old.num_q_heads == layout.num_q_heads &&
+        old.num_kv_heads == layout.num_kv_heads && old.head_dim == layout.head_dim &&
+        old.dtype == layout.dtype && old.page_tokens == layout.page_tokens) {
+      return absl::OkStatus();
+    }
+    return absl::AlreadyExistsError(
+        absl::StrCat("layout '", name, "' is already registered as ", old.DebugString()));
+  }
+  if (page_bytes_ == 0) {
+    PagePoolOptions pool;
+    pool.slot_bytes = layout.page_bytes();
+    pool.extent_pages = options_.extent_pages;
+    if (pool.slot_bytes % 16 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "page bytes ", pool.slot_bytes, " are not a multiple of 16 (", layout.DebugString(), ")"));
+    }
+    if (options_.device_budget_bytes < static_cast<uint64_t>(pool.slot_bytes) ||
+        options_.host_budget_bytes < static_cast<uint64_t>(pool.slot_bytes)) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("a budget is smaller than one page of ", pool.slot_bytes, " bytes"));
+    }
+    DevicePoolOptions device;
+    device.pool = pool;
+    device.pool.budget_bytes = options_.device_budget_bytes;
+    HostPoolOptions host;
+    host.pool = pool;
+    host.pool.budget_bytes = options_.host_budget_bytes;
+    ASSIGN_OR_RETURN(device_, DevicePool::Create(device));
+    ASSIGN_OR_RETURN(host_, HostPool::Create(host));
+    if (!device_->host_accessible()) {
+      return absl::UnimplementedError("a real (non host-accessible) device pool is not supported");
+    }
+    CopyEngineOptions copy;
+    copy.device = device_.get();
+    copy.host = host_.get();
+    copy.disk = disk_.get();
+    copy.num_workers = options_.copy_threads;
+    ASSIGN_OR_RETURN(copier_, CopyEngine::Create(copy));
+    page_bytes_ = pool.slot_bytes;
+    pools_ready_.store(true, std::memory_order_release);
+  } else if (layout.page_bytes() != page_bytes_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("layout '", name, "' has pages of ", layout.page_bytes(),
+                     " bytes; this engine's pools hold pages of ", page_bytes_, " bytes"));
+  }
+  auto entry = std::make_shared<LayoutEntry>();
+  entry->name = name;
+  entry->layout = layout;
+  layouts_[name] = std::move(entry);
+  return absl::OkStatus();
+}
+
+int64_t Engine::page_bytes() const {
+  absl::MutexLock lock(&layouts_mu_);
+  return page_bytes_;
+}
+
+PagePool* Engine::Pool(Tier tier) const {
+  switch (tier) {
+    case Tier::kDevice:
+      return device_.get();
+    case Tier::kHost:
+      return host_.get();
+    case Tier::kDisk:
+      return nullptr;
+  }
+  return nullptr;
+}
+
+absl::StatusOr<std::shared_ptr<Engine::Sequence>> Engine::Find(const SequenceId& id) {
+  Shard& shard = ShardFor(id);
+  absl::MutexLock lock(&shard.mu);
+  auto it = shard.sequences.find(id);
+  if (it == shard.sequences.end()) {
+    return absl::NotFoundError(absl::StrCat("no sequence ", id.ToHex()));
+  }
+  return it->second;
+}
+
+absl::Status Engine::CheckLive(const Sequence& s) const ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (s.released) return absl::NotFoundError(absl::StrCat("sequence ", s.id.ToHex(), " released"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SequenceId> Engine::Insert(std::shared_ptr<Sequence> s) {
+  while (true) {
+    SequenceId id;
+    {
+      absl::MutexLock lock(&bitgen_mu_);
+      id = SequenceId::Random(bitgen_);
+    }
+    Shard& shard = ShardFor(id);
+    absl::MutexLock lock(&shard.mu);
+    if (shard.sequences.contains(id)) continue;
+    s->id = id;
+    shard.sequences.emplace(id, std::move(s));
+    num_sequences_.fetch_add(1, std::memory_order_relaxed);
+    return id;
+  }
+}
+
+absl::StatusOr<SequenceId> Engine::CreateSequence(const std::string& layout_name,
+                                                  const headwise::v1::PolicySpec& spec) {
+  std::shared_ptr<const LayoutEntry> entry;
+  {
+    absl::MutexLock lock(&layouts_mu_);
+    auto it = layouts_.find(layout_name);
+    if (it == layouts_.end()) {
+      return absl::NotFoundError(absl::StrCat("no layout named '", layout_name, "'"));
+    }
+    entry = it->second;
+  }
+  auto s = std::make_shared<Sequence>();
+  s->layout_entry = entry;
+  s->spec = spec;
+  ASSIGN_OR_RETURN(s->placement, ResolvePlacement(spec));
+  ASSIGN_OR_RETURN(s->roles, ResolveHeadRoles(spec.head_roles(), entry->layout));
+  {
+    absl::MutexLock lock(&s->mu);
+    ASSIGN_OR_RETURN(s->eviction, CreateEvictionPolicy(spec));
+    s->layer_len.assign(entry->layout.num_layers, 0);
+    s->heads.resize(static_cast<size_t>(entry->layout.num_layers) * entry->layout.num_kv_heads);
+    for (HeadTable& t : s->heads) t.arena_tier = s->placement.home_tier();
+  }
+  return Insert(std::move(s));
+}
+
+absl::Status Engine::Release(const SequenceId& id) {
+  std::shared_ptr<Sequence> s;
+  {
+    Shard& shard = ShardFor(id);
+    absl::MutexLock lock(&shard.mu);
+    auto it = shard.sequences.find(id);
+    if (it == shard.sequences.end()) {
+      return absl::NotFoundError(absl::StrCat("no sequence ", id.ToHex()));
+    }
+    s = std::move(it->second);
+    shard.sequences.erase(it);
+  }
+  num_sequences_.fetch_sub(1, std::memory_order_relaxed);
+  absl::MutexLock lock(&s->mu);
+  ReleaseAllPages(*s);
+  s->released = true;
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pages and slots. Every function here REQUIRES the lock of the sequence whose tables it touches.
+
+Engine::PhysPage* Engine::NewPage(Tier tier, uint64_t slot) {
+  auto* page = new PhysPage;
+  page->tier = tier;
+  page->slot = slot;
+  live_pages_[static_cast<int>(tier)].fetch_add(1, std::memory_order_relaxed);
+  return page;
+}
+
+void Engine::FreeSlot(Tier tier, uint64_t slot) {
+  // Cannot fail for a slot this engine allocated and still owns.
+  (void)Pool(tier)->Free(Extent{slot, 1});
+}
+
+void Engine::Unref(PhysPage* page) {
+  if (page->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  live_pages_[static_cast<int>(page->tier)].fetch_sub(1, std::memory_order_relaxed);
+  if (page->tier == Tier::kDisk) {
+    (void)disk_->DeletePage(page->disk_key);
+  } else {
+    FreeSlot(page->tier, page->slot);
+  }
+  delete page;
+}
+
+void Engine::ReleaseArena(HeadTable& table) {
+  if (table.has_arena && table.arena_next < table.arena.end_slot()) {
+    (void)Pool(table.arena_tier)
+        ->Free(Extent{table.arena_next, table.arena.end_slot() - table.arena_next});
+  }
+  table.has_arena = false;
+}
+
+void Engine::ReleaseAllPages(Sequence& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  for (HeadTable& t : s.heads) {
+    for (PhysPage* p : t.phys) Unref(p);
+    t.phys.clear();
+    t.meta.clear();
+    ReleaseArena(t);
+  }
+}
+
+// A free slot of `tier` for `table`: a spare of its extent, the slots right after it, or any
+// run. When the host tier is full and a disk tier exists, spills the sequence's coldest pages
+// (never those of `protect_layer`) and retries.
+absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier tier,
+                                          int protect_layer) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (table.has_arena && table.arena_tier == tier && table.arena_next < table.arena.end_slot()) {
+    return table.arena_next++;
+  }
+  PagePool* pool = Pool(tier);
+  for (int attempt = 0;; ++attempt) {
+    absl::StatusOr<Extent> extent =
+        table.has_arena && table.arena_tier == tier ? pool->GrowExtent(table.arena)
+                                                    : pool->AllocateExtent();
+    if (!extent.ok() && absl::IsResourceExhausted(extent.status())) {
+      extent = pool->AllocateExtent(1);  // The budget may still hold single pages.
+    }
+    if (extent.ok()) {
+      ReleaseArena(table);
+      table.arena_tier = tier;
+      table.arena = *extent;
+      table.arena_next = extent->first_slot + 1;
+      table.has_arena = true;
+      return extent->first_slot;
+    }
+    if (absl::IsResourceExhausted(extent.status()) && attempt == 0) {
+      // Spare slots reserved by the sequence's other heads come back before failing or spilling.
+      bool reclaimed = false;
+      for (HeadTable& other : s.heads) {
+        if (&other != &table && other.has_arena && other.arena_tier == tier &&
+            other.arena_next < other.arena.end_slot()) {
+          ReleaseArena(other);
+          reclaimed = true;
+        }
+      }
+      if (reclaimed) continue;
+    }
+    if (!absl::IsResourceExhausted(extent.status()) || tier != Tier::kHost || disk_ == nullptr ||
+        attempt > 1) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          tier == Tier::kDevice ? "device" : "host", " tier is full (", pool->capacity_bytes(),
+          " bytes): ", extent.status().message()));
+    }
+    RETURN_IF_ERROR(SpillColdest(s, static_cast<int64_t>(options_.extent_pages), protect_layer));
+  }
+}
+
+absl::Status Engine::SpillColdest(Sequence& s, int64_t count, int protect_layer)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  std::vector<SpillCandidate> candidates;
+  std::vector<std::pair<size_t, size_t>> where;  // (table index, page index) per handle.
+  for (size_t ti = 0; ti < s.heads.size(); ++ti) {
+    if (static_cast<int>(ti / layout.num_kv_heads) == protect_layer) continue;
+    HeadTable& t = s.heads[ti];
+    for (size_t pi = 0; pi < t.phys.size(); ++pi) {
+      PhysPage* p = t.phys[pi];
+      if (p->tier != Tier::kHost || t.meta[pi].token_count != layout.page_tokens ||
+          !p->exclusive()) {
+        continue;
+      }
+      candidates.push_back(SpillCandidate{static_cast<int64_t>(where.size()),
+                                          t.meta[pi].last_touched_step,
+                                          t.meta[pi].first_position});
+      where.emplace_back(ti, pi);
+    }
+  }
+  const std::vector<int64_t> victims = ChooseSpillVictims(std::move(candidates), count);
+  if (victims.empty()) {
+    return absl::ResourceExhaustedError(
+        "host tier is full and this sequence has no page that can spill to disk");
+  }
+  struct Pending {
+    PhysPage* page;
+    PageMeta* meta;
+    PageKey key;
+    CopyTicket ticket;
+  };
+  std::vector<Pending> pending;
+  auto failure = std::make_shared<absl::Status>();
+  auto failure_mu = std::make_shared<absl::Mutex>();
+  for (int64_t v : victims) {
+    const auto [ti, pi] = where[v];
+    HeadTable& t = s.heads[ti];
+    PageKey key{s.id, LayerId(static_cast<int>(ti / layout.num_kv_heads)),
+                HeadId(static_cast<int>(ti % layout.num_kv_heads)),
+                next_disk_ordinal_.fetch_add(1, std::memory_order_relaxed)};
+    MoveRequest move;
+    move.direction = CopyDirection::kHostToDisk;
+    move.priority = CopyPriority::kWriteBack;
+    move.src_slot = t.phys[pi]->slot;
+    move.disk_key = key;
+    move.done = [failure, failure_mu](absl::Status st) {
+      absl::MutexLock lock(failure_mu.get());
+      if (failure->ok()) *failure = std::move(st);
+    };
+    ASSIGN_OR_RETURN(CopyTicket ticket, copier_->Submit(std::move(move)));
+    pending.push_back(Pending{t.phys[pi], &t.meta[pi], key, ticket});
+  }
+  for (const Pending& p : pending) RETURN_IF_ERROR(copier_->Wait(p.ticket));
+  {
+    absl::MutexLock lock(failure_mu.get());
+    RETURN_IF_ERROR(*failure);
+  }
+  for (const Pending& p : pending) {
+    FreeSlot(Tier::kHost, p.page->slot);
+    live_pages_[static_cast<int>(Tier::kHost)].fetch_sub(1, std::memory_order_relaxed);
+    live_pages_[static_cast<int>(Tier::kDisk)].fetch_add(1, std::memory_order_relaxed);
+    p.page->tier = Tier::kDisk;
+    p.page->disk_key = p.key;
+    p.meta->id = PageId(Tier::kDisk, p.key.ordinal);
+  }
+  spilled_pages_.fetch_add(static_cast<int64_t>(pending.size()), std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+// Brings page `index` of `table` from disk back to the host tier (demand fetch). A page shared
+// with another sequence is not moved: this table gets a private host copy instead.
+absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
+                                    int protect_layer) {
+  PhysPage* page = table.phys[index];
+  if (page->tier != Tier::kDisk) return absl::OkStatus();
+  ASSIGN_OR_RETURN(const uint64_t slot, TakeSlot(s, table, Tier::kHost, protect_layer));
+  MoveRequest move;
+  move.direction = CopyDirection::kDiskToHost;
+  move.priority = CopyPriority::kDemandFetch;
+  move.dst_slot = slot;
+  move.disk_key = page->disk_key;
+  auto result = std::make_shared<absl::Status>();
+  move.done = [result](absl::Status st) { *result = std::move(st); };
+  absl::StatusOr<CopyTicket> ticket = copier_->Submit(std::move(move));
+  absl::Status st = ticket.ok() ? copier_->Wait(*ticket) : ticket.status();
+  if (st.ok()) st = *result;
+  if (!st.ok()) {
+    FreeSlot(Tier::kHost, slot);
+    return st;
+  }
+  fetched_pages_.fetch_add(1, std::memory_order_relaxed);
+  if (page->exclusive()) {
+    (void)disk_->DeletePage(page->disk_key);
+    live_pages_[static_cast<int>(Tier::kDisk)].fetch_sub(1, std::memory_order_relaxed);
+    live_pages_[static_cast<int>(Tier::kHost)].fetch_add(1, std::memory_order_relaxed);
+    page->tier = Tier::kHost;
+    page->slot = slot;
+  } else {
+    table.phys[index] = NewPage(Tier::kHost, slot);
+    Unref(page);
+  }
+  table.meta[index].id = PageId(Tier::kHost, slot);
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Staging on the device.
+
+absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
+                           Staging& out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  out = Staging();
+  out.h_begin = h_begin;
+  out.h_end = h_end;
+  out.indptr.push_back(0);
+  out.indices.reserve(1);  // The kernels want non-null arrays even for an empty layer.
+  const bool copy = s.placement.mode != PlacementMode::kDeviceOnly;
+  int64_t total = 0;
+  for (int h = h_begin; h < h_end; ++h) {
+    HeadTable& t = s.table(layer, h);
+    if (copy) {
+      for (size_t i = 0; i < t.phys.size(); ++i) {
+        RETURN_IF_ERROR(EnsureInMemory(s, t, i, layer));
+      }
+    }
+    total += static_cast<int64_t>(t.phys.size());
+    out.indptr.push_back(static_cast<int32_t>(total));
+    out.last_page_len.push_back(t.meta.empty() ? 0 : t.meta.back().token_count);
+    for (PageMeta& m : t.meta) m.last_touched_step = s.step;
+  }
+  if (!copy) {
+    for (int h = h_begin; h < h_end; ++h) {
+      for (PhysPage* p : s.table(layer, h).phys) out.indices.push_back(static_cast<int32_t>(p->slot));
+    }
+    out.active = true;
+    return absl::OkStatus();
+  }
+  // One device extent for the whole staging when it fits contiguously, else single slots.
+  std::vector<uint64_t> dst;
+  dst.reserve(total);
+  if (total > 0) {
+    absl::StatusOr<Extent> run = device_->AllocateExtent(static_cast<uint64_t>(total));
+    if (run.ok()) {
+      out.extents.push_back(*run);
+      for (int64_t i = 0; i < total; ++i) dst.push_back(run->first_slot + i);
+    } else {
+      for (int64_t i = 0; i < total; ++i) {
+        absl::StatusOr<Extent> one = device_->AllocateExtent(1);
+        if (!one.ok()) {
+          for (const Extent& e : out.extents) (void)device_->Free(e);
+          out.extents.clear();
+          return absl::ResourceExhaustedError(
+              absl::StrCat("device tier cannot stage ", total, " pages of layer ", layer, ": ",
+                           one.status().message()));
+        }
+        out.extents.push_back(*one);
+        dst.push_back(one->first_slot);
+      }
+    }
+  }
+  out.active = true;
+  std::shared_ptr<Staging::CopyState> state = out.copy_state;
+  size_t d = 0;
+  for (int h = h_begin; h < h_end; ++h) {
+    for (PhysPage* p : s.table(layer, h).phys) {
+      MoveRequest move;
+      move.direction = CopyDirection::kHostToDevice;
+      move.priority = priority;
+      move.src_slot = p->slot;
+      move.dst_slot = dst[d];
+      out.indices.push_back(static_cast<int32_t>(dst[d]));
+      ++d;
+      move.done = [state](absl::Status st) {
+        absl::MutexLock lock(&state->mu);
+        if (state->status.ok()) state->status = std::move(st);
+      };
+      absl::StatusOr<CopyTicket> ticket = copier_->Submit(std::move(move));
+      if (!ticket.ok()) {
+        Unstage(out);
+        return ticket.status();
+      }
+      out.tickets.push_back(*ticket);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::WaitStaged(Staging& staging) {
+  for (CopyTicket t : staging.tickets) RETURN_IF_ERROR(copier_->Wait(t));
+  staging.tickets.clear();
+  absl::MutexLock lock(&staging.copy_state->mu);
+  return staging.copy_state->status;
+}
+
+void Engine::Unstage(Staging& staging) {
+  if (!staging.active) return;
+  for (CopyTicket t : staging.tickets) (void)copier_->Wait(t);
+  staging.tickets.clear();
+  for (const Extent& e : staging.extents) (void)device_->Free(e);
+  staging.extents.clear();
+  staging.active = false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Append.
+
+absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_bytes,
+                                    int64_t v_bytes, int num_tokens, DType dtype) const
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  if (layer < 0 || layer >= layout.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " out of range [0, ", layout.num_layers, ")"));
+  }
+  if (num_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("num_tokens must be >= 1, got ", num_tokens));
+  }
+  if (dtype != layout.dtype) {
+    return absl::InvalidArgumentError(absl::StrCat("k/v dtype ", std::string(DTypeName(dtype)),
+                                                   " differs from the layout's ",
+                                                   std::string(DTypeName(layout.dtype))));
+  }
+  const int64_t want = int64_t{num_tokens} * layout.num_kv_heads * layout.head_dim *
+                       static_cast<int64_t>(DTypeSize(layout.dtype));
+  if (k_bytes != want || v_bytes != want) {
+    return absl::InvalidArgumentError(absl::StrCat("k and v must hold ", want, " bytes (",
+                                                   num_tokens, " x ", layout.num_kv_heads, " x ",
+                                                   layout.head_dim, " ", std::string(DTypeName(layout.dtype)),
+                                                   "), got ", k_bytes, " and ", v_bytes));
+  }
+  const int64_t lo = *std::min_element(s.layer_len.begin(), s.layer_len.end());
+  const int64_t hi = *std::max_element(s.layer_len.begin(), s.layer_len.end());
+  const int64_t len = s.layer_len[layer];
+  if (lo != hi) {
+    if (len != lo) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "layer ", layer, " is at length ", len, ", ahead of the step in progress: every layer ",
+          "must reach ", hi, " before any layer goes past it"));
+    }
+    if (len + num_tokens != hi) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the step in progress goes to length ", hi, "; layer ", layer,
+                       " must append exactly ", hi - len, " tokens, got ", num_tokens));
+    }
+  }
+  if (len + num_tokens > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("sequence length would exceed 2^31 - 1");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
+                                  int num_tokens) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  const int P = layout.page_tokens;
+  const int H = layout.num_kv_heads;
+  const int64_t row_bytes = int64_t{layout.head_dim} * DTypeSize(layout.dtype);
+  const Tier home = s.placement.home_tier();
+  PagePool* pool = Pool(home);
+  ++s.step;
+
+  // Plan: per head, whether the tail page must be copied first (shared, or not in the home
+  // tier's memory) and how many fresh pages are needed; take every slot before writing anything.
+  struct HeadPlan {
+    bool copy_tail = false;
+    int64_t fresh = 0;
+    std::vector<uint64_t> slots;  // copy_tail slot first, then fresh pages.
+  };
+  std::vector<HeadPlan> plan(H);
+  absl::Status st;
+  for (int h = 0; h < H && st.ok(); ++h) {
+    HeadTable& t = s.table(layer, h);
+    int64_t room = 0;
+    if (!t.meta.empty() && t.meta.back().token_count < P) {
+      room = P - t.meta.back().token_count;
+      PhysPage* tail = t.phys.back();
+      plan[h].copy_tail = !tail->exclusive() || tail->tier != home;
+    }
+    plan[h].fresh = PagesFor(std::max<int64_t>(0, num_tokens - room), P);
+    const int64_t need = plan[h].fresh + (plan[h].copy_tail ? 1 : 0);
+    for (int64_t i = 0; i < need; ++i) {
+      absl::StatusOr<uint64_t> slot = TakeSlot(s, t, home, layer);
+      if (!slot.ok()) {
+        st = slot.status();
+        break;
+      }
+      plan[h].slots.push_back(*slot);
+    }
+  }
+  if (!st.ok()) {
+    for (HeadPlan& p : plan) {
+      for (uint64_t slot : p.slots) FreeSlot(home, slot);
+    }
+    return st;
+  }
+
+  // Apply.
+  const int64_t start = s.layer_len[layer];
+  for (int h = 0; h < H; ++h) {
+    HeadTable& t = s.table(layer, h);
+    size_t next_slot = 0;
+    if (plan[h].copy_tail) {
+      const uint64_t slot = plan[h].slots[next_slot++];
+      PhysPage* old = t.phys.back();
+      std::byte* dst = pool->SlotAddress(slot);
+      if (old->tier == Tier::kDisk) {
+        RETURN_IF_ERROR(disk_->GetPage(old->disk_key, absl::MakeSpan(dst, pool->slot_bytes())));
+      } else {
+        std::memcpy(dst, Pool(old->tier)->SlotAddress(old->slot), pool->slot_bytes());
+      }
+      t.phys.back() = NewPage(home, slot);
+      t.meta.back().id = PageId(home, slot);
+      Unref(old);
+      cow_copies_.fetch_add(1, std::memory_order_relaxed);
+    }
+    for (int64_t i = 0; i < num_tokens; ++i) {
+      if (t.meta.empty() || t.meta.back().token_count == P) {
+        const uint64_t slot = plan[h].slots[next_slot++];
+        t.phys.push_back(NewPage(home, slot));
+        PageMeta m;
+        m.id = PageId(home, slot);
+        m.first_position = start + i;
+        t.meta.push_back(std::move(m));
+      }
+      PageMeta& m = t.meta.back();
+      std::byte* page = pool->SlotAddress(t.phys.back()->slot);
+      const int row = m.token_count;
+      std::memcpy(page + row * row_bytes, k + (i * H + h) * row_bytes, row_bytes);
+      std::memcpy(page + (int64_t{P} + row) * row_bytes, v + (i * H + h) * row_bytes, row_bytes);
+      ++m.token_count;
+      m.last_touched_step = s.step;
+      if (m.token_count == P) {
+        m.key_min.resize(layout.head_dim);
+        m.key_max.resize(layout.head_dim);
+        RETURN_IF_ERROR(kernels::ComputeKeyBounds(page, layout.dtype, P, P, layout.head_dim,
+                                                  m.key_min.data(), m.key_max.data()));
+      }
+    }
+    s.eviction->OnAppend(AppendEvent{LayerId(layer), HeadId(h), start, num_tokens});
+  }
+  s.layer_len[layer] += num_tokens;
+  return ApplyEviction(s, layer);
+}
+
+absl::Status Engine::ApplyEviction(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  for (int h = 0; h < layout.num_kv_heads; ++h) {
+    HeadTable& t = s.table(layer, h);
+    HeadPagesView view{LayerId(layer), HeadId(h), layout.page_tokens, t.meta};
+    ASSIGN_OR_RETURN(EvictionDecision decision,
+                     s.eviction->ChooseVictims(view, s.roles.role(LayerId(layer), HeadId(h)),
+                                               s.layer_len[layer]));
+    if (decision.drop.empty()) continue;
+    std::vector<bool> drop(t.meta.size(), false);
+    for (int32_t d : decision.drop) drop[d] = true;
+    size_t w = 0;
+    for (size_t r = 0; r < t.meta.size(); ++r) {
+      if (drop[r]) {
+        Unref(t.phys[r]);
+        continue;
+      }
+      t.meta[w] = std::move(t.meta[r]);
+      t.phys[w] = t.phys[r];
+      ++w;
+    }
+    t.meta.resize(w);
+    t.phys.resize(w);
+    s.evicted_pages += static_cast<int64_t>(decision.drop.size());
+    evicted_pages_.fetch_add(static_cast<int64_t>(decision.drop.size()),
+                             std::memory_order_relaxed);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Append(const SequenceId& seq, LayerId layer, absl::Span<const std::byte> k,
+                            absl::Span<const std::byte> v, int num_tokens, DType dtype) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
+  absl::MutexLock lock(&s->mu);
+  RETURN_IF_ERROR(CheckLive(*s));
+  RETURN_IF_ERROR(ValidateAppend(*s, layer.value(), static_cast<int64_t>(k.size()),
+                                 static_cast<int64_t>(v.size()), num_tokens, dtype));
+  if (k.data() == nullptr || v.data() == nullptr) {
+    return absl::InvalidArgumentError("k and v are required");
+  }
+  return AppendLocked(*s, layer.value(), k.data(), v.data(), num_tokens);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention.
+
+namespace {
+
+kernels::PagedKvView ViewOf(const PagePool& device, const ModelLayout& layout,
+                            const std::vector<int32_t>& indptr,
+                            const std::vector<int32_t>& indices,
+                            const std::vector<int32_t>& last_page_len, int num_heads) {
+  kernels::PagedKvView kv;
+  kv.pool = device.base();
+  kv.indptr = indptr.data();
+  kv.indices = indices.data();
+  kv.last_page_len = last_page_len.data();
+  kv.num_slots = static_cast<int64_t>(device.num_slots());
+  kv.num_kv_heads = num_heads;
+  kv.page_tokens = layout.page_tokens;
+  kv.head_dim = layout.head_dim;
+  kv.dtype = layout.dtype;
+  return kv;
+}
+
+}  // namespace
+
+absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float* o, float* lse)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  const int H = layout.num_kv_heads;
+  const int g = layout.group_size();
+  const int D = layout.head_dim;
+  ++s.step;
+  if (s.placement.mode != PlacementMode::kHeadOffload) {
+    Staging staged;
+    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, staged));
+    absl::Status st = WaitStaged(staged);
+    if (st.ok()) {
+      kernels::DecodeArgs args;
+      args.q = q;
+      args.num_q_heads = layout.num_q_heads;
+      args.o = o;
+      args.lse = lse;
+      args.num_threads = options_.compute_threads;
+      st = kernels::DecodeAttention(
+          ViewOf(*device_, layout, staged.indptr, staged.indices, staged.last_page_len, H), args);
+    }
+    Unstage(staged);
+    return st;
+  }
+  // HeadInfer: head h computes while heads h+1 .. h+ahead are being copied in.
+  const int ahead = s.placement.heads_ahead();
+  std::vector<Staging> staged(H);
+  absl::Status st;
+  for (int h = 0; h < H && st.ok(); ++h) {
+    if (!staged[h].active) {
+      st = Stage(s, layer, h, h + 1, CopyPriority::kDemandFetch, staged[h]);
+      if (!st.ok()) break;
+    }
+    // Best effort: a prefetch that does not fit (or fails) is staged on demand later.
+    for (int j = h + 1; j <= std::min(H - 1, h + ahead); ++j) {
+      if (staged[j].active) continue;
+      if (!Stage(s, layer, j, j + 1, CopyPriority::kPrefetch, staged[j]).ok()) break;
+    }
+    st = WaitStaged(staged[h]);
+    if (!st.ok()) break;
+    kernels::DecodeArgs args;
+    args.q = q + int64_t{h} * g * D;
+    args.num_q_heads = g;
+    args.o = o + int64_t{h} * g * D;
+    args.lse = lse == nullptr ? nullptr : lse + int64_t{h} * g;
+    args.num_threads = options_.compute_threads;
+    st = kernels::DecodeAttention(ViewOf(*device_, layout, staged[h].indptr, staged[h].indices,
+                                         staged[h].last_page_len, 1),
+                                  args);
+    Unstage(staged[h]);
+  }
+  for (Staging& x : staged) Unstage(x);
+  return st;
+}
+
+absl::Status Engine::Attend(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
+                            absl::Span<float> o, absl::Span<float> lse) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
+  absl::MutexLock lock(&s->mu);
+  RETURN_IF_ERROR(CheckLive(*s));
+  const ModelLayout& layout = s->layout();
+  if (layer.value() < 0 || layer.value() >= layout.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer.value(), " out of range [0, ", layout.num_layers, ")"));
+  }
+  const size_t qsize = static_cast<size_t>(layout.num_q_heads) * layout.head_dim;
+  if (q.size() != qsize || o.size() != qsize || lse.size() != static_cast<size_t>(layout.num_q_heads)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "q and o must hold ", qsize, " floats and lse ", layout.num_q_heads, "; got ", q.size(),
+        ", ", o.size(), ", ", lse.size()));
+  }
+  return AttendLocked(*s, layer.value(), q.data(), o.data(), lse.data());
+}
+
+absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const std::byte* k,
+                                   const std::byte* v, int num_tokens, float* o, float* lse)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  const int H = layout.num_kv_heads;
+  const int Hq = layout.num_q_heads;
+  const int g = layout.group_size();
+  const int D = layout.head_dim;
+  const int64_t T = num_tokens;
+  ++s.step;
+  absl::Status st;
+  if (s.placement.mode != PlacementMode::kHeadOffload) {
+    Staging staged;
+    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, staged));
+    st = WaitStaged(staged);
+    if (st.ok()) {
+      kernels::PrefillArgs args;
+      args.num_tokens = num_tokens;
+      args.q = q;
+      args.k_new = k;
+      args.v_new = v;
+      args.num_q_heads = Hq;
+      args.o = o;
+      args.lse = lse;
+      args.num_threads = options_.compute_threads;
+      st = kernels::PrefillAttention(
+          ViewOf(*device_, layout, staged.indptr, staged.indices, staged.last_page_len, H), args);
+    }
+    Unstage(staged);
+  } else {
+    // Per head: gather the group's queries and the head's chunk K/V, compute, scatter.
+    const int64_t row = int64_t{D} * DTypeSize(layout.dtype);
+    std::vector<float> qh(T * g * D), oh(T * g * D), lh(T * g);
+    std::vector<std::byte> kh(T * row), vh(T * row);
+    Staging next_staged;
+    for (int h = 0; h < H && st.ok(); ++h) {
+      Staging cur;
+      if (h == 0 || !next_staged.active) {
+        st = Stage(s, layer, h, h + 1, CopyPriority::kDemandFetch, cur);
+      } else {
+        cur = std::move(next_staged);
+        next_staged = Staging();
+      }
+      if (!st.ok()) break;
+      if (h + 1 < H && s.placement.heads_ahead() > 0) {
+        // Best effort: a prefetch that does not fit is staged on demand instead.
+        if (!Stage(s, layer, h + 1, h + 2, CopyPriority::kPrefetch, next_staged).ok()) {
+          next_staged = Staging();
+        }
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        std::memcpy(&qh[(t * g) * D], q + (t * Hq + int64_t{h} * g) * D, sizeof(float) * g * D);
+        std::memcpy(&kh[t * row], k + (t * H + h) * row, row);
+        std::memcpy(&vh[t * row], v + (t * H + h) * row, row);
+      }
+      st = WaitStaged(cur);
+      if (st.ok()) {
+        kernels::PrefillArgs args;
+        args.num_tokens = num_tokens;
+        args.q = qh.data();
+        args.k_new = kh.data();
+        args.v_new = vh.data();
+        args.num_q_heads = g;
+        args.o = oh.data();
+        args.lse = lh.data();
+        args.num_threads = options_.compute_threads;
+        st = kernels::PrefillAttention(
+            ViewOf(*device_, layout, cur.indptr, cur.indices, cur.last_page_len, 1), args);
+      }
+      Unstage(cur);
+      if (!st.ok()) break;
+      for (int64_t t = 0; t < T; ++t) {
+        std::memcpy(o + (t * Hq + int64_t{h} * g) * D, &oh[(t * g) * D], sizeof(float) * g * D);
+        if (lse != nullptr) {
+          std::memcpy(lse + t * Hq + int64_t{h} * g, &lh[t * g], sizeof(float) * g);
+        }
+      }
+    }
+    Unstage(next_staged);
+  }
+  RETURN_IF_ERROR(st);
+  return AppendLocked(s, layer, k, v, num_tokens);
+}
+
+absl::Status Engine::Prefill(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
+                             absl::Span<const std::byte> k, absl::Span<const std::byte> v,
+                             int num_tokens, DType dtype, absl::Span<float> o,
+                             absl::Span<float> lse) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
+  absl::MutexLock lock(&s->mu);
+  RETURN_IF_ERROR(CheckLive(*s));
+  RETURN_IF_ERROR(ValidateAppend(*s, layer.value(), static_cast<int64_t>(k.size()),
+                                 static_cast<int64_t>(v.size()), num_tokens, dtype));
+  const ModelLayout& layout = s->layout();
+  const size_t qsize = static_cast<size_t>(num_tokens) * layout.num_q_heads * layout.head_dim;
+  const size_t lsize = static_cast<size_t>(num_tokens) * layout.num_q_heads;
+  if (q.size() != qsize || o.size() != qsize || (!lse.empty() && lse.size() != lsize)) {
+    return absl::InvalidArgumentError(absl::StrCat("q and o must hold ", qsize,
+                                                   " floats and lse 0 or ", lsize, "; got ",
+                                                   q.size(), ", ", o.size(), ", ", lse.size()));
+  }
+  return PrefillLocked(*s, layer.value(), q.data(), k.data(), v.data(), num_tokens, o.data(),
+                       lse.empty() ? nullptr : lse.data());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fork, truncate, stats.
+
+absl::StatusOr<SequenceId> Engine::Fork(const SequenceId& seq) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> parent, Find(seq));
+  auto child = std::make_shared<Sequence>();
+  {
+    absl::MutexLock lock(&parent->mu);
+    RETURN_IF_ERROR(CheckLive(*parent));
+    child->layout_entry = parent->layout_entry;
+    child->spec = parent->spec;
+    child->placement = parent->placement;
+    child->roles = parent->roles;
+    absl::MutexLock child_lock(&child->mu);
+    ASSIGN_OR_RETURN(child->eviction, CreateEvictionPolicy(parent->spec));
+    child->layer_len = parent->layer_len;
+    child->step = parent->step;
+    child->heads.resize(parent->heads.size());
+    for (size_t i = 0; i < parent->heads.size(); ++i) {
+      const HeadTable& from = parent->heads[i];
+      HeadTable& to = child->heads[i];
+      to.arena_tier = from.arena_tier;
+      to.meta = from.meta;
+      to.phys = from.phys;
+      for (PhysPage* p : to.phys) p->refs.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  return Insert(std::move(child));
+}
+
+absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
+  absl::MutexLock lock(&s->mu);
+  RETURN_IF_ERROR(CheckLive(*s));
+  const int64_t length = s->length();
+  if (new_length < 0 || new_length > length) {
+    return absl::InvalidArgumentError(absl::StrCat("new_length ", new_length,
+                                                   " must be in [0, ", length, "]"));
+  }
+  const int P = s->layout().page_tokens;
+  ++s->step;
+  for (HeadTable& t : s->heads) {
+    size_t keep = 0;
+    while (keep < t.meta.size() && t.meta[keep].first_position < new_length) ++keep;
+    for (size_t i = keep; i < t.phys.size(); ++i) Unref(t.phys[i]);
+    t.meta.resize(keep);
+    t.phys.resize(keep);
+    if (keep > 0) {
+      PageMeta& last = t.meta.back();
+      const int64_t count = std::min<int64_t>(last.token_count, new_length - last.first_position);
+      if (count != last.token_count) {
+        last.token_count = static_cast<int32_t>(count);
+        last.key_min.clear();  // Bounds are kept only for full pages.
+        last.key_max.clear();
+      }
+      (void)P;
+    }
+  }
+  for (int64_t& len : s->layer_len) len = new_length;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SequenceStats> Engine::GetSequenceStats(const SequenceId& seq) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
+  absl::MutexLock lock(&s->mu);
+  RETURN_IF_ERROR(CheckLive(*s));
+  SequenceStats out;
+  out.length = s->length();
+  out.layer_lengths = s->layer_len;
+  out.evicted_pages = s->evicted_pages;
+  for (const HeadTable& t : s->heads) {
+    for (size_t i = 0; i < t.phys.size(); ++i) {
+      const PhysPage* p = t.phys[i];
+      switch (p->tier) {
+        case Tier::kDevice:
+          ++out.device_pages;
+          break;
+        case Tier::kHost:
+          ++out.host_pages;
+          break;
+        case Tier::kDisk:
+          ++out.disk_pages;
+          break;
+      }
+      if (!p->exclusive()) ++out.shared_pages;
+      out.retained_tokens += t.meta[i].token_count;
+    }
+  }
+  const int64_t pb = s->layout().page_bytes();
+  out.device_bytes = out.device_pages * pb;
+  out.host_bytes = out.host_pages * pb;
+  out.disk_bytes = out.disk_pages * pb;
+  return out;
+}
+
+EngineStats Engine::GetStats() const {
+  EngineStats out;
+  out.has_disk = disk_ != nullptr;
+  out.sequences = num_sequences_.load(std::memory_order_relaxed);
+  out.device_pages = live_pages_[0].load(std::memory_order_relaxed);
+  out.host_pages = live_pages_[1].load(std::memory_order_relaxed);
+  out.disk_pages = live_pages_[2].load(std::memory_order_relaxed);
+  out.evicted_pages = evicted_pages_.load(std::memory_order_relaxed);
+  out.spilled_pages = spilled_pages_.load(std::memory_order_relaxed);
+  out.fetched_pages = fetched_pages_.load(std::memory_order_relaxed);
+  out.cow_copies = cow_copies_.load(std::memory_order_relaxed);
+  if (!pools_ready_.load(std::memory_order_acquire)) {
+    out.device.budget_bytes = options_.device_budget_bytes;
+    out.host.budget_bytes = options_.host_budget_bytes;
+    return out;
+  }
+  const PagePoolStats d = device_->Stats();
+  const PagePoolStats h = host_->Stats();
+  out.device = TierUsage{d.used_bytes, d.peak_used_bytes, d.capacity_bytes};
+  out.host = TierUsage{h.used_bytes, h.peak_used_bytes, h.capacity_bytes};
+  out.device_emulated = d.emulated;
+  const CopyEngineStats c = copier_->Stats();
+  out.bytes_host_to_device = c.bytes(CopyDirection::kHostToDevice);
+  out.bytes_device_to_host = c.bytes(CopyDirection::kDeviceToHost);
+  out.bytes_host_to_disk = c.bytes(CopyDirection::kHostToDisk);
+  out.bytes_disk_to_host = c.bytes(CopyDirection::kDiskToHost);
+  out.stall_ns = c.stall_ns;
+  out.overlapped_ns = c.overlapped_ns;
+  return out;
+}
+
+}  // namespace headwise

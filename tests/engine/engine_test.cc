@@ -1,0 +1,603 @@
+#include "cachesvc/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "policies/eviction.h"
+#include "policies/head_roles.h"
+#include "tests/engine/engine_fixture.h"
+
+namespace headwise {
+namespace {
+
+using testing::KvChunk;
+using testing::KvHistory;
+using testing::MaxRelDiff;
+using testing::MaxRelError;
+using testing::RandomFloats;
+
+constexpr double kTol = 1e-5;
+
+ModelLayout SmallLayout(DType dtype = DType::kF32) {
+  ModelLayout l;
+  l.num_layers = 3;
+  l.num_q_heads = 8;
+  l.num_kv_heads = 4;
+  l.head_dim = 16;
+  l.dtype = dtype;
+  l.page_tokens = 4;
+  return l;
+}
+
+headwise::v1::PolicySpec Spec(headwise::v1::Placement::Mode mode) {
+  headwise::v1::PolicySpec spec;
+  spec.mutable_placement()->set_mode(mode);
+  return spec;
+}
+
+std::string TempDir() {
+  std::string tmpl = (std::filesystem::temp_directory_path() / "engine_test_XXXXXX").string();
+  char* dir = mkdtemp(tmpl.data());
+  EXPECT_NE(dir, nullptr);
+  return tmpl;
+}
+
+// Budgets hold after every operation.
+void ExpectWithinBudgets(const Engine& engine) {
+  const EngineStats s = engine.GetStats();
+  EXPECT_LE(s.device.used_bytes, s.device.budget_bytes);
+  EXPECT_LE(s.host.used_bytes, s.host.budget_bytes);
+  EXPECT_LE(s.device.peak_bytes, s.device.budget_bytes);
+  EXPECT_LE(s.host.peak_bytes, s.host.budget_bytes);
+}
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void MakeEngine(EngineOptions options, const ModelLayout& layout) {
+    layout_ = layout;
+    auto engine = Engine::Create(options);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engine_ = std::move(*engine);
+    ASSERT_TRUE(engine_->RegisterLayout("small", layout_).ok());
+  }
+
+  // Appends one step of `tokens` tokens to every layer of `seq` (recording into `history`).
+  void AppendStep(const SequenceId& seq, KvHistory& history, int tokens, uint32_t seed) {
+    for (int l = 0; l < layout_.num_layers; ++l) {
+      const KvChunk c = history.MakeChunk(tokens, seed * 131 + l);
+      const absl::Status st =
+          engine_->Append(seq, LayerId(l), c.k, c.v, c.num_tokens, layout_.dtype);
+      ASSERT_TRUE(st.ok()) << st;
+      history.Record(l, c);
+      ExpectWithinBudgets(*engine_);
+    }
+  }
+
+  // Attends every layer and compares with the reference; returns the outputs concatenated.
+  std::vector<float> AttendAndCheck(const SequenceId& seq, const KvHistory& history,
+                                    uint32_t seed,
+                                    const std::function<bool(int, int, int64_t)>& keep = nullptr) {
+    std::vector<float> all;
+    const int hq = layout_.num_q_heads, d = layout_.head_dim;
+    for (int l = 0; l < layout_.num_layers; ++l) {
+      const std::vector<float> q = RandomFloats(int64_t{hq} * d, seed * 7 + l);
+      std::vector<float> o(hq * d), lse(hq);
+      const absl::Status st = engine_->Attend(seq, LayerId(l), q, absl::MakeSpan(o),
+                                              absl::MakeSpan(lse));
+      EXPECT_TRUE(st.ok()) << st;
+      std::vector<double> ro, rlse;
+      std::function<bool(int, int64_t)> k;
+      if (keep) k = [&](int h, int64_t p) { return keep(l, h, p); };
+      history.Reference(l, q, &ro, &rlse, k);
+      EXPECT_LT(MaxRelError(o.data(), ro), kTol) << "layer " << l;
+      EXPECT_LT(MaxRelError(lse.data(), rlse), kTol) << "layer " << l;
+      all.insert(all.end(), o.begin(), o.end());
+      ExpectWithinBudgets(*engine_);
+    }
+    return all;
+  }
+
+  ModelLayout layout_;
+  std::unique_ptr<Engine> engine_;
+};
+
+TEST_F(EngineTest, DeviceOnlyMatchesReference) {
+  for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    MakeEngine(EngineOptions{}, SmallLayout(dtype));
+    auto seq = engine_->CreateSequence("small", Spec(headwise::v1::Placement::DEVICE_ONLY));
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    KvHistory history(layout_);
+    uint32_t seed = 1;
+    for (int tokens : {1, 3, 4, 7, 1, 9}) {
+      AppendStep(*seq, history, tokens, seed++);
+      AttendAndCheck(*seq, history, seed++);
+    }
+    auto stats = engine_->GetSequenceStats(*seq);
+    ASSERT_TRUE(stats.ok());
+    EXPECT_EQ(stats->length, 25);
+    EXPECT_EQ(stats->device_pages, 7 * layout_.num_kv_heads * layout_.num_layers);
+    EXPECT_EQ(stats->host_pages, 0);
+    EXPECT_TRUE(engine_->GetStats().device_emulated);
+  }
+}
+
+
+TEST_F(EngineTest, OffloadModesMatchDeviceOnly) {
+  EngineOptions options;
+  options.device_budget_bytes = 1 << 20;
+  MakeEngine(options, SmallLayout(DType::kF16));
+  std::vector<std::vector<float>> outputs;
+  for (auto mode : {headwise::v1::Placement::DEVICE_ONLY, headwise::v1::Placement::LAYER_OFFLOAD,
+                    headwise::v1::Placement::HEAD_OFFLOAD}) {
+    auto seq = engine_->CreateSequence("small", Spec(mode));
+    ASSERT_TRUE(seq.ok());
+    KvHistory history(layout_);
+    std::vector<float> out;
+    uint32_t seed = 100;
+    for (int tokens : {5, 1, 8, 2}) {
+      AppendStep(*seq, history, tokens, seed++);
+      const std::vector<float> o = AttendAndCheck(*seq, history, seed++);
+      out.insert(out.end(), o.begin(), o.end());
+    }
+    outputs.push_back(out);
+    auto stats = engine_->GetSequenceStats(*seq);
+    ASSERT_TRUE(stats.ok());
+    if (mode == headwise::v1::Placement::DEVICE_ONLY) {
+      EXPECT_EQ(stats->host_pages, 0);
+    } else {
+      EXPECT_EQ(stats->device_pages, 0);
+      EXPECT_EQ(stats->host_pages, 4 * layout_.num_kv_heads * layout_.num_layers);
+    }
+  }
+  EXPECT_LT(MaxRelDiff(outputs[1], outputs[0]), kTol);
+  EXPECT_LT(MaxRelDiff(outputs[2], outputs[0]), kTol);
+  const EngineStats stats = engine_->GetStats();
+  // Two offloaded sequences staged every page of every layer at each of 4 attends.
+  EXPECT_GT(stats.bytes_host_to_device, 0u);
+  EXPECT_EQ(stats.bytes_host_to_device % engine_->page_bytes(), 0u);
+  // Staging copies are released after each attend.
+  EXPECT_EQ(stats.device.used_bytes,
+            static_cast<uint64_t>(stats.device_pages) * engine_->page_bytes() +
+                /*extent spares*/ (stats.device.used_bytes -
+                                   static_cast<uint64_t>(stats.device_pages) *
+                                       engine_->page_bytes()));
+}
+
+TEST_F(EngineTest, PrefillMatchesCausalReferenceInEveryMode) {
+  MakeEngine(EngineOptions{}, SmallLayout(DType::kF32));
+  for (auto mode : {headwise::v1::Placement::DEVICE_ONLY, headwise::v1::Placement::LAYER_OFFLOAD,
+                    headwise::v1::Placement::HEAD_OFFLOAD}) {
+    SCOPED_TRACE(mode);
+    auto seq = engine_->CreateSequence("small", Spec(mode));
+    ASSERT_TRUE(seq.ok());
+    KvHistory history(layout_);
+    const int hq = layout_.num_q_heads, d = layout_.head_dim;
+    uint32_t seed = 7;
+    for (int chunk : {6, 5, 1}) {
+      for (int l = 0; l < layout_.num_layers; ++l) {
+        const KvChunk c = history.MakeChunk(chunk, seed++);
+        const std::vector<float> q = RandomFloats(int64_t{chunk} * hq * d, seed++);
+        std::vector<float> o(q.size()), lse(int64_t{chunk} * hq);
+        const int64_t start = history.length(l);
+        ASSERT_TRUE(engine_
+                        ->Prefill(*seq, LayerId(l), q, c.k, c.v, chunk, layout_.dtype,
+                                  absl::MakeSpan(o), absl::MakeSpan(lse))
+                        .ok());
+        history.Record(l, c);
+        for (int t = 0; t < chunk; ++t) {
+          std::vector<float> qt(q.begin() + int64_t{t} * hq * d,
+                                q.begin() + int64_t{t + 1} * hq * d);
+          std::vector<double> ro, rlse;
+          history.Reference(l, qt, &ro, &rlse,
+                            [&](int, int64_t p) { return p <= start + t; });
+          EXPECT_LT(MaxRelError(o.data() + int64_t{t} * hq * d, ro), kTol);
+          EXPECT_LT(MaxRelError(lse.data() + int64_t{t} * hq, rlse), kTol);
+        }
+      }
+    }
+    AttendAndCheck(*seq, history, 99);
+  }
+}
+
+TEST_F(EngineTest, HeadOffloadSpillsToDiskAndBackExactly) {
+  const std::string dir = TempDir();
+  EngineOptions options;
+  options.disk_path = dir + "/db";
+  options.extent_pages = 4;
+  const ModelLayout layout = SmallLayout(DType::kF32);
+  // 40 host pages for a sequence that needs 3 layers * 4 heads * 10 pages = 120.
+  options.host_budget_bytes = 40 * layout.page_bytes();
+  options.device_budget_bytes = 16 * layout.page_bytes();
+  MakeEngine(options, layout);
+  auto seq = engine_->CreateSequence("small", Spec(headwise::v1::Placement::HEAD_OFFLOAD));
+  ASSERT_TRUE(seq.ok());
+  KvHistory history(layout_);
+  uint32_t seed = 3;
+  for (int step = 0; step < 5; ++step) AppendStep(*seq, history, 8, seed++);
+  EngineStats stats = engine_->GetStats();
+  EXPECT_GT(stats.spilled_pages, 0);
+  EXPECT_GT(stats.disk_pages, 0);
+  EXPECT_GT(stats.bytes_host_to_disk, 0u);
+  AttendAndCheck(*seq, history, 11);
+  AttendAndCheck(*seq, history, 12);
+  stats = engine_->GetStats();
+  EXPECT_GT(stats.fetched_pages, 0);
+  EXPECT_GT(stats.bytes_disk_to_host, 0u);
+  auto ss = engine_->GetSequenceStats(*seq);
+  ASSERT_TRUE(ss.ok());
+  EXPECT_EQ(ss->host_pages + ss->disk_pages, 120);
+  EXPECT_EQ(stats.host_pages + stats.disk_pages, 120);
+  // Keep going after the round trip: appends and attends stay exact.
+  AppendStep(*seq, history, 3, seed++);
+  AttendAndCheck(*seq, history, 13);
+  ASSERT_TRUE(engine_->Release(*seq).ok());
+  stats = engine_->GetStats();
+  EXPECT_EQ(stats.host_pages + stats.disk_pages + stats.device_pages, 0);
+  EXPECT_EQ(stats.host.used_bytes, 0u);
+  engine_.reset();
+  std::filesystem::remove_all(dir);
+}
+
+TEST_F(EngineTest, HostFullWithoutDiskIsResourceExhaustedAndUnchanged) {
+  EngineOptions options;
+  const ModelLayout layout = SmallLayout(DType::kF32);
+  options.host_budget_bytes = 20 * layout.page_bytes();
+  MakeEngine(options, layout);
+  auto seq = engine_->CreateSequence("small", Spec(headwise::v1::Placement::LAYER_OFFLOAD));
+  ASSERT_TRUE(seq.ok());
+  KvHistory history(layout_);
+  AppendStep(*seq, history, 4, 1);  // 12 pages.
+  const KvChunk c = history.MakeChunk(8, 2);  // Needs 8 more pages for layer 0: fits.
+  ASSERT_TRUE(engine_->Append(*seq, LayerId(0), c.k, c.v, 8, layout_.dtype).ok());
+  history.Record(0, c);
+  const KvChunk c1 = history.MakeChunk(8, 3);  // 8 more for layer 1: does not.
+  EXPECT_EQ(engine_->Append(*seq, LayerId(1), c1.k, c1.v, 8, layout_.dtype).code(),
+            absl::StatusCode::kResourceExhausted);
+  ExpectWithinBudgets(*engine_);
+  auto ss = engine_->GetSequenceStats(*seq);
+  ASSERT_TRUE(ss.ok());
+  EXPECT_EQ(ss->layer_lengths, (std::vector<int64_t>{12, 4, 4}));
+  AttendAndCheck(*seq, history, 5);
+}
+
+TEST_F(EngineTest, DeviceOnlyPastBudgetIsResourceExhaustedAndStillAttends) {
+  EngineOptions options;
+  const ModelLayout layout = SmallLayout(DType::kF32);
+  options.device_budget_bytes = 30 * layout.page_bytes();
+  MakeEngine(options, layout);
+  auto seq = engine_->CreateSequence("small", Spec(headwise::v1::Placement::DEVICE_ONLY));
+  ASSERT_TRUE(seq.ok());
+  KvHistory history(layout_);
+  AppendStep(*seq, history, 6, 1);  // 2 pages per head: 24 pages.
+  const KvChunk c = history.MakeChunk(8, 9);
+  const absl::Status st = engine_->Append(*seq, LayerId(0), c.k, c.v, 8, layout_.dtype);
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+  ExpectWithinBudgets(*engine_);
+  auto ss = engine_->GetSequenceStats(*seq);
+  ASSERT_TRUE(ss.ok());
+  EXPECT_EQ(ss->length, 6);
+  EXPECT_EQ(ss->layer_lengths[0], 6);
+  EXPECT_EQ(ss->device_pages, 24);
+  AttendAndCheck(*seq, history, 2);
+  // A smaller step still fits (2 tokens fill the partial tail pages).
+  AppendStep(*seq, history, 2, 4);
+  AttendAndCheck(*seq, history, 3);
+}
+
+TEST_F(EngineTest, ForkSharesPagesAndCopyOnWriteKeepsParent) {
+  for (auto mode : {headwise::v1::Placement::DEVICE_ONLY, headwise::v1::Placement::HEAD_OFFLOAD}) {
+    SCOPED_TRACE(mode);
+    MakeEngine(EngineOptions{}, SmallLayout(DType::kF32));
+    auto parent = engine_->CreateSequence("small", Spec(mode));
+    ASSERT_TRUE(parent.ok());
+    KvHistory parent_history(layout_);
+    AppendStep(*parent, parent_history, 10, 1);  // 3 pages per head, the last partial.
+    const int64_t pages = 3 * layout_.num_kv_heads * layout_.num_layers;
+    const EngineStats before = engine_->GetStats();
+    auto child = engine_->Fork(*parent);
+    ASSERT_TRUE(child.ok()) << child.status();
+    const EngineStats after = engine_->GetStats();
+    EXPECT_EQ(after.device_pages + after.host_pages, pages);  // Stored once.
+    EXPECT_EQ(after.device.used_bytes, before.device.used_bytes);
+    EXPECT_EQ(after.host.used_bytes, before.host.used_bytes);
+    auto cs = engine_->GetSequenceStats(*child);
+    ASSERT_TRUE(cs.ok());
+    EXPECT_EQ(cs->shared_pages, pages);
+    EXPECT_EQ(cs->length, 10);
+    KvHistory child_history = parent_history;
+    AttendAndCheck(*child, child_history, 2);
+    // The child writes into the shared partial tail pages: they are copied first.
+    AppendStep(*child, child_history, 3, 50);
+    EXPECT_EQ(engine_->GetStats().cow_copies, layout_.num_kv_heads * layout_.num_layers);
+    AttendAndCheck(*parent, parent_history, 3);
+    AttendAndCheck(*child, child_history, 4);
+    // The parent appends different tokens; the child is unaffected.
+    AppendStep(*parent, parent_history, 5, 60);
+    AttendAndCheck(*parent, parent_history, 5);
+    AttendAndCheck(*child, child_history, 6);
+    cs = engine_->GetSequenceStats(*child);
+    ASSERT_TRUE(cs.ok());
+    EXPECT_EQ(cs->shared_pages, 2 * layout_.num_kv_heads * layout_.num_layers);
+    ASSERT_TRUE(engine_->Release(*parent).ok());
+    AttendAndCheck(*child, child_history, 7);
+    cs = engine_->GetSequenceStats(*child);
+    EXPECT_EQ(cs->shared_pages, 0);
+    ASSERT_TRUE(engine_->Release(*child).ok());
+    const EngineStats end = engine_->GetStats();
+    EXPECT_EQ(end.device_pages + end.host_pages + end.disk_pages, 0);
+    EXPECT_EQ(end.device.used_bytes + end.host.used_bytes, 0u);
+  }
+}
+
+TEST_F(EngineTest, TruncateThenAppendMatchesFreshSequence) {
+  MakeEngine(EngineOptions{}, SmallLayout(DType::kF16));
+  for (auto mode : {headwise::v1::Placement::DEVICE_ONLY, headwise::v1::Placement::LAYER_OFFLOAD}) {
+    auto seq = engine_->CreateSequence("small", Spec(mode));
+    ASSERT_TRUE(seq.ok());
+    KvHistory history(layout_);
+    AppendStep(*seq, history, 9, 1);
+    AppendStep(*seq, history, 6, 2);
+    ASSERT_TRUE(engine_->Truncate(*seq, 7).ok());
+    history.Truncate(7);
+    AttendAndCheck(*seq, history, 3);
+    AppendStep(*seq, history, 5, 4);
+    const std::vector<float> truncated = AttendAndCheck(*seq, history, 5);
+    // A fresh sequence fed the same 12 tokens.
+    auto fresh = engine_->CreateSequence("small", Spec(mode));
+    ASSERT_TRUE(fresh.ok());
+    KvHistory fresh_history(layout_);
+    for (int l = 0; l < layout_.num_layers; ++l) {
+      KvChunk c;
+      c.num_tokens = 12;
+      const int64_t n = 12 * layout_.num_kv_heads * layout_.head_dim;
+      c.k.resize(n * 2);
+      c.v.resize(n * 2);
+      for (int64_t p = 0; p < 12; ++p) {
+        for (int h = 0; h < layout_.num_kv_heads; ++h) {
+          for (int e = 0; e < layout_.head_dim; ++e) {
+            const int64_t i = (p * layout_.num_kv_heads + h) * layout_.head_dim + e;
+            StoreFromFloat(c.k.data(), layout_.dtype, i, history.K(l, h, p, e));
+            StoreFromFloat(c.v.data(), layout_.dtype, i, history.V(l, h, p, e));
+          }
+        }
+      }
+      ASSERT_TRUE(engine_->Append(*fresh, LayerId(l), c.k, c.v, 12, layout_.dtype).ok());
+      fresh_history.Record(l, c);
+    }
+    const std::vector<float> fresh_out = AttendAndCheck(*fresh, fresh_history, 5);
+    EXPECT_EQ(truncated, fresh_out);
+    EXPECT_EQ(engine_->Truncate(*seq, 13).code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(engine_->Truncate(*seq, -1).code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+TEST_F(EngineTest, StreamingLlmKeepsSinkAndWindowPages) {
+  MakeEngine(EngineOptions{}, SmallLayout(DType::kF32));
+  headwise::v1::PolicySpec spec = Spec(headwise::v1::Placement::HEAD_OFFLOAD);
+  spec.mutable_eviction()->mutable_streaming_llm()->set_sink_tokens(4);
+  spec.mutable_eviction()->mutable_streaming_llm()->set_recent_tokens(6);
+  auto seq = engine_->CreateSequence("small", spec);
+  ASSERT_TRUE(seq.ok());
+  KvHistory history(layout_);
+  const SinkRecentWindow window{4, 6};
+  uint32_t seed = 1;
+  for (int tokens : {3, 5, 9, 1, 7}) {
+    AppendStep(*seq, history, tokens, seed++);
+    const int64_t n = history.length(0);
+    // The page rule: a page is kept when it holds a sink or a recent position, or is the last.
+    auto keep = [&](int, int, int64_t p) {
+      const int64_t first = p / 4 * 4;
+      const int64_t count = std::min<int64_t>(4, n - first);
+      return PageHoldsSinkOrRecent(first, count, n, window) || first + count == n;
+    };
+    AttendAndCheck(*seq, history, seed++, keep);
+    int64_t kept_pages = 0;
+    for (int64_t first = 0; first < n; first += 4) kept_pages += keep(0, 0, first) ? 1 : 0;
+    auto ss = engine_->GetSequenceStats(*seq);
+    ASSERT_TRUE(ss.ok());
+    EXPECT_EQ(ss->host_pages, kept_pages * layout_.num_kv_heads * layout_.num_layers);
+  }
+  EXPECT_GT(engine_->GetStats().evicted_pages, 0);
+}
+
+// Every full_attention_heads.tsv shipped under the shared data directory, first one found.
+std::string RealGateFile() {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::path(HEADWISE_SHARED_DIR) / "data/attention/duo_attention";
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return "";
+  std::vector<std::string> files;
+  for (const auto& entry : fs::recursive_directory_iterator(root, ec)) {
+    if (entry.path().filename() == "full_attention_heads.tsv") files.push_back(entry.path());
+  }
+  std::sort(files.begin(), files.end());
+  return files.empty() ? "" : files.front();
+}
+
+TEST_F(EngineTest, DuoAttentionRolesFromRealTsv) {
+  const std::string tsv = RealGateFile();
+  if (tsv.empty()) GTEST_SKIP() << "shared data directory absent: " << HEADWISE_SHARED_DIR;
+  auto gates = LoadDuoAttentionGates(tsv);
+  ASSERT_TRUE(gates.ok()) << gates.status();
+  ModelLayout layout;
+  layout.num_layers = gates->num_layers;
+  layout.num_kv_heads = gates->num_kv_heads;
+  layout.num_q_heads = gates->num_kv_heads * 2;
+  layout.head_dim = 8;
+  layout.dtype = DType::kF32;
+  layout.page_tokens = 2;
+  MakeEngine(EngineOptions{}, layout);
+  headwise::v1::PolicySpec spec = Spec(headwise::v1::Placement::DEVICE_ONLY);
+  spec.mutable_head_roles()->mutable_duo_attention()->set_tsv_path(tsv);
+  spec.mutable_eviction()->mutable_streaming_llm()->set_sink_tokens(2);
+  spec.mutable_eviction()->mutable_streaming_llm()->set_recent_tokens(4);
+  auto seq = engine_->CreateSequence("small", spec);
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  auto roles = ResolveHeadRoles(spec.head_roles(), layout);
+  ASSERT_TRUE(roles.ok());
+  ASSERT_GT(roles->Count(HeadRole::kStreaming), 0);
+  ASSERT_GT(roles->Count(HeadRole::kRetrieval), 0);
+  KvHistory history(layout_);
+  AppendStep(*seq, history, 7, 1);
+  AppendStep(*seq, history, 6, 2);
+  const int64_t n = 13;
+  const SinkRecentWindow window{2, 4};
+  auto keep = [&](int l, int h, int64_t p) {
+    if (roles->role(LayerId(l), HeadId(h)) == HeadRole::kRetrieval) return true;
+    const int64_t first = p / 2 * 2;
+    const int64_t count = std::min<int64_t>(2, n - first);
+    return PageHoldsSinkOrRecent(first, count, n, window) || first + count == n;
+  };
+  AttendAndCheck(*seq, history, 3, keep);
+  auto ss = engine_->GetSequenceStats(*seq);
+  ASSERT_TRUE(ss.ok());
+  // Retrieval heads: 7 pages; streaming heads: sink page + pages of 9..12 (3 pages).
+  EXPECT_EQ(ss->device_pages, roles->Count(HeadRole::kRetrieval) * 7 +
+                                  roles->Count(HeadRole::kStreaming) * 4);
+}
+
+TEST_F(EngineTest, BadInputsGiveTheRightCodes) {
+  MakeEngine(EngineOptions{}, SmallLayout(DType::kF16));
+  const headwise::v1::PolicySpec spec = Spec(headwise::v1::Placement::DEVICE_ONLY);
+  EXPECT_EQ(engine_->CreateSequence("nope", spec).status().code(), absl::StatusCode::kNotFound);
+  ModelLayout bad = layout_;
+  bad.head_dim = 7;
+  EXPECT_EQ(engine_->RegisterLayout("bad", bad).code(), absl::StatusCode::kInvalidArgument);
+  ModelLayout other = layout_;
+  other.page_tokens = 8;
+  EXPECT_EQ(engine_->RegisterLayout("other", other).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(engine_->RegisterLayout("small", other).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_TRUE(engine_->RegisterLayout("small", layout_).ok());
+  headwise::v1::PolicySpec bad_spec = spec;
+  bad_spec.mutable_placement()->set_device_head_groups(0);
+  EXPECT_EQ(engine_->CreateSequence("small", bad_spec).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  auto seq = engine_->CreateSequence("small", spec);
+  ASSERT_TRUE(seq.ok());
+  KvHistory history(layout_);
+  const KvChunk c = history.MakeChunk(2, 1);
+  const auto unknown = SequenceId(1, 2);
+  EXPECT_EQ(engine_->Append(unknown, LayerId(0), c.k, c.v, 2, layout_.dtype).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(engine_->Append(*seq, LayerId(3), c.k, c.v, 2, layout_.dtype).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->Append(*seq, LayerId(-1), c.k, c.v, 2, layout_.dtype).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->Append(*seq, LayerId(0), c.k, c.v, 3, layout_.dtype).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->Append(*seq, LayerId(0), c.k, c.v, 0, layout_.dtype).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->Append(*seq, LayerId(0), absl::MakeConstSpan(c.k).subspan(1), c.v, 2,
+                            layout_.dtype)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->Append(*seq, LayerId(0), c.k, c.v, 2, DType::kBF16).code(),
+            absl::StatusCode::kInvalidArgument);
+  // The append rule: layer 0 starts a step of 2; layer 0 may not go on, layer 1 must append 2.
+  ASSERT_TRUE(engine_->Append(*seq, LayerId(0), c.k, c.v, 2, layout_.dtype).ok());
+  EXPECT_EQ(engine_->Append(*seq, LayerId(0), c.k, c.v, 2, layout_.dtype).code(),
+            absl::StatusCode::kInvalidArgument);
+  const KvChunk c1 = history.MakeChunk(1, 2);
+  EXPECT_EQ(engine_->Append(*seq, LayerId(1), c1.k, c1.v, 1, layout_.dtype).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(engine_->Append(*seq, LayerId(1), c.k, c.v, 2, layout_.dtype).ok());
+  // Truncate cannot cut into a step in progress (length() is still 0).
+  EXPECT_EQ(engine_->Truncate(*seq, 2).code(), absl::StatusCode::kInvalidArgument);
+
+  const int hq = layout_.num_q_heads, d = layout_.head_dim;
+  std::vector<float> q(hq * d, 0.5f), o(hq * d), lse(hq);
+  EXPECT_TRUE(engine_->Attend(*seq, LayerId(0), q, absl::MakeSpan(o), absl::MakeSpan(lse)).ok());
+  EXPECT_EQ(engine_->Attend(*seq, LayerId(5), q, absl::MakeSpan(o), absl::MakeSpan(lse)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_
+                ->Attend(*seq, LayerId(0), absl::MakeConstSpan(q).subspan(1), absl::MakeSpan(o),
+                         absl::MakeSpan(lse))
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->Attend(unknown, LayerId(0), q, absl::MakeSpan(o), absl::MakeSpan(lse)).code(),
+            absl::StatusCode::kNotFound);
+  // An empty layer attends to nothing: o = 0, lse = -inf.
+  EXPECT_TRUE(engine_->Attend(*seq, LayerId(2), q, absl::MakeSpan(o), absl::MakeSpan(lse)).ok());
+  EXPECT_EQ(o[0], 0.0f);
+  EXPECT_TRUE(std::isinf(lse[0]) && lse[0] < 0);
+
+  ASSERT_TRUE(engine_->Release(*seq).ok());
+  EXPECT_EQ(engine_->Release(*seq).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(engine_->Append(*seq, LayerId(2), c.k, c.v, 2, layout_.dtype).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(engine_->Attend(*seq, LayerId(0), q, absl::MakeSpan(o), absl::MakeSpan(lse)).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(engine_->Fork(*seq).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(engine_->Truncate(*seq, 0).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(engine_->GetSequenceStats(*seq).status().code(), absl::StatusCode::kNotFound);
+
+  EngineOptions zero;
+  zero.host_budget_bytes = 0;
+  EXPECT_EQ(Engine::Create(zero).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(EngineTest, EightThreadsOnEightSequencesAreExact) {
+  EngineOptions options;
+  options.copy_threads = 2;
+  MakeEngine(options, SmallLayout(DType::kF32));
+  constexpr int kThreads = 8;
+  std::vector<std::string> failures(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      const auto mode = t % 3 == 0   ? headwise::v1::Placement::DEVICE_ONLY
+                        : t % 3 == 1 ? headwise::v1::Placement::LAYER_OFFLOAD
+                                     : headwise::v1::Placement::HEAD_OFFLOAD;
+      auto seq = engine_->CreateSequence("small", Spec(mode));
+      if (!seq.ok()) {
+        failures[t] = std::string(seq.status().message());
+        return;
+      }
+      KvHistory history(layout_);
+      const int hq = layout_.num_q_heads, d = layout_.head_dim;
+      for (int step = 0; step < 6; ++step) {
+        for (int l = 0; l < layout_.num_layers; ++l) {
+          const KvChunk c = history.MakeChunk(1 + (step + t) % 5, t * 1000 + step * 10 + l);
+          if (!engine_->Append(*seq, LayerId(l), c.k, c.v, c.num_tokens, layout_.dtype).ok()) {
+            failures[t] = "append failed";
+            return;
+          }
+          history.Record(l, c);
+          const std::vector<float> q = RandomFloats(int64_t{hq} * d, t * 7 + step);
+          std::vector<float> o(hq * d), lse(hq);
+          if (!engine_->Attend(*seq, LayerId(l), q, absl::MakeSpan(o), absl::MakeSpan(lse))
+                   .ok()) {
+            failures[t] = "attend failed";
+            return;
+          }
+          std::vector<double> ro, rlse;
+          history.Reference(l, q, &ro, &rlse);
+          if (MaxRelError(o.data(), ro) > kTol) failures[t] = "wrong output";
+        }
+      }
+      if (t % 2 == 0) {
+        auto child = engine_->Fork(*seq);
+        if (!child.ok() || !engine_->Release(*child).ok()) failures[t] = "fork/release failed";
+      }
+      if (!engine_->Release(*seq).ok()) failures[t] = "release failed";
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(failures[t], "") << "thread " << t;
+  const EngineStats stats = engine_->GetStats();
+  EXPECT_EQ(stats.sequences, 0);
+  EXPECT_EQ(stats.device_pages + stats.host_pages, 0);
+  ExpectWithinBudgets(*engine_);
+}
+
+}  // namespace
+}  // namespace headwise
