@@ -1,0 +1,36 @@
+// `headwise`: the command-line tool. Subcommands: plan.
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "cachesvc/cli/plan_command.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: headwise <command> [flags]\n"
+    "\n"
+    "commands:\n"
+    "  plan    KV bytes per tier (device, host, disk) and modelled decode time per token for a\n"
+    "          model layout, context length, policy and device profile\n"
+    "\n"
+    "`headwise <command> --help` describes a command's flags.\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty()) {
+    std::cerr << kUsage;
+    return headwise::kExitUsage;
+  }
+  const std::string& command = args[0];
+  if (command == "--help" || command == "-h" || command == "help") {
+    std::cout << kUsage;
+    return headwise::kExitOk;
+  }
+  const std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (command == "plan") return headwise::RunPlanCommand(rest, std::cout, std::cerr);
+  std::cerr << "headwise: unknown command '" << command << "'\n\n" << kUsage;
+  return headwise::kExitUsage;
+}
