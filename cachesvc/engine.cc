@@ -154,8 +154,9 @@ absl::Status Engine::RegisterLayout(const std::string& name, const ModelLayout& 
     pool.slot_bytes = layout.page_bytes();
     pool.extent_pages = options_.extent_pages;
     if (pool.slot_bytes % 16 != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "page bytes ", pool.slot_bytes, " are not a multiple of 16 (", layout.DebugString(), ")"));
+      return absl::InvalidArgumentError(absl::StrCat("page bytes ", pool.slot_bytes,
+                                                     " are not a multiple of 16 (",
+                                                     layout.DebugString(), ")"));
     }
     if (options_.device_budget_bytes < static_cast<uint64_t>(pool.slot_bytes) ||
         options_.host_budget_bytes < static_cast<uint64_t>(pool.slot_bytes)) {
@@ -333,17 +334,18 @@ void Engine::ReleaseAllPages(Sequence& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
 
 // A free slot of `tier` for `table`: a spare of its extent, the slots right after it, or any
 // run. When the host tier is full and a disk tier exists, spills the sequence's coldest pages
-// (never those of `protect_layer`) and retries.
+// (never those of tables [protect_begin, protect_end)) and retries.
 absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier tier,
-                                          int protect_layer) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                          size_t protect_begin,
+                                          size_t protect_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   if (table.has_arena && table.arena_tier == tier && table.arena_next < table.arena.end_slot()) {
     return table.arena_next++;
   }
   PagePool* pool = Pool(tier);
   for (int attempt = 0;; ++attempt) {
-    absl::StatusOr<Extent> extent =
-        table.has_arena && table.arena_tier == tier ? pool->GrowExtent(table.arena)
-                                                    : pool->AllocateExtent();
+    absl::StatusOr<Extent> extent = table.has_arena && table.arena_tier == tier
+                                        ? pool->GrowExtent(table.arena)
+                                        : pool->AllocateExtent();
     if (!extent.ok() && absl::IsResourceExhausted(extent.status())) {
       extent = pool->AllocateExtent(1);  // The budget may still hold single pages.
     }
@@ -369,21 +371,22 @@ absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier ti
     }
     if (!absl::IsResourceExhausted(extent.status()) || tier != Tier::kHost || disk_ == nullptr ||
         attempt > 1) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          tier == Tier::kDevice ? "device" : "host", " tier is full (", pool->capacity_bytes(),
-          " bytes): ", extent.status().message()));
+      return absl::ResourceExhaustedError(absl::StrCat(tier == Tier::kDevice ? "device" : "host",
+                                                       " tier is full (", pool->capacity_bytes(),
+                                                       " bytes): ", extent.status().message()));
     }
-    RETURN_IF_ERROR(SpillColdest(s, static_cast<int64_t>(options_.extent_pages), protect_layer));
+    RETURN_IF_ERROR(
+        SpillColdest(s, static_cast<int64_t>(options_.extent_pages), protect_begin, protect_end));
   }
 }
 
-absl::Status Engine::SpillColdest(Sequence& s, int64_t count, int protect_layer)
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_begin,
+                                  size_t protect_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const ModelLayout& layout = s.layout();
   std::vector<SpillCandidate> candidates;
   std::vector<std::pair<size_t, size_t>> where;  // (table index, page index) per handle.
   for (size_t ti = 0; ti < s.heads.size(); ++ti) {
-    if (static_cast<int>(ti / layout.num_kv_heads) == protect_layer) continue;
+    if (ti >= protect_begin && ti < protect_end) continue;
     HeadTable& t = s.heads[ti];
     for (size_t pi = 0; pi < t.phys.size(); ++pi) {
       PhysPage* p = t.phys[pi];
@@ -392,8 +395,7 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, int protect_layer)
         continue;
       }
       candidates.push_back(SpillCandidate{static_cast<int64_t>(where.size()),
-                                          t.meta[pi].last_touched_step,
-                                          t.meta[pi].first_position});
+                                          t.meta[pi].last_touched_step, t.meta[pi].first_position});
       where.emplace_back(ti, pi);
     }
   }
@@ -449,10 +451,11 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, int protect_layer)
 // Brings page `index` of `table` from disk back to the host tier (demand fetch). A page shared
 // with another sequence is not moved: this table gets a private host copy instead.
 absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
-                                    int protect_layer) {
+                                    size_t protect_begin, size_t protect_end) {
   PhysPage* page = table.phys[index];
   if (page->tier != Tier::kDisk) return absl::OkStatus();
-  ASSIGN_OR_RETURN(const uint64_t slot, TakeSlot(s, table, Tier::kHost, protect_layer));
+  ASSIGN_OR_RETURN(const uint64_t slot,
+                   TakeSlot(s, table, Tier::kHost, protect_begin, protect_end));
   MoveRequest move;
   move.direction = CopyDirection::kDiskToHost;
   move.priority = CopyPriority::kDemandFetch;
@@ -485,8 +488,10 @@ absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
 // ---------------------------------------------------------------------------------------------
 // Staging on the device.
 
+// Pages of heads [protect_from_head, h_end) of `layer` are never spilled meanwhile: they are the
+// sources of copies still in flight and the pages being staged.
 absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
-                           Staging& out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                           int protect_from_head, Staging& out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   out = Staging();
   out.h_begin = h_begin;
   out.h_end = h_end;
@@ -498,7 +503,8 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
     HeadTable& t = s.table(layer, h);
     if (copy) {
       for (size_t i = 0; i < t.phys.size(); ++i) {
-        RETURN_IF_ERROR(EnsureInMemory(s, t, i, layer));
+        const size_t base = static_cast<size_t>(layer) * s.layout().num_kv_heads;
+        RETURN_IF_ERROR(EnsureInMemory(s, t, i, base + protect_from_head, base + h_end));
       }
     }
     total += static_cast<int64_t>(t.phys.size());
@@ -508,7 +514,8 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
   }
   if (!copy) {
     for (int h = h_begin; h < h_end; ++h) {
-      for (PhysPage* p : s.table(layer, h).phys) out.indices.push_back(static_cast<int32_t>(p->slot));
+      for (PhysPage* p : s.table(layer, h).phys)
+        out.indices.push_back(static_cast<int32_t>(p->slot));
     }
     out.active = true;
     return absl::OkStatus();
@@ -527,9 +534,9 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
         if (!one.ok()) {
           for (const Extent& e : out.extents) (void)device_->Free(e);
           out.extents.clear();
-          return absl::ResourceExhaustedError(
-              absl::StrCat("device tier cannot stage ", total, " pages of layer ", layer, ": ",
-                           one.status().message()));
+          return absl::ResourceExhaustedError(absl::StrCat("device tier cannot stage ", total,
+                                                           " pages of layer ", layer, ": ",
+                                                           one.status().message()));
         }
         out.extents.push_back(*one);
         dst.push_back(one->first_slot);
@@ -582,9 +589,9 @@ void Engine::Unstage(Staging& staging) {
 // ---------------------------------------------------------------------------------------------
 // Append.
 
-absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_bytes,
-                                    int64_t v_bytes, int num_tokens, DType dtype) const
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_bytes, int64_t v_bytes,
+                                    int num_tokens,
+                                    DType dtype) const ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const ModelLayout& layout = s.layout();
   if (layer < 0 || layer >= layout.num_layers) {
     return absl::InvalidArgumentError(
@@ -601,10 +608,10 @@ absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_byte
   const int64_t want = int64_t{num_tokens} * layout.num_kv_heads * layout.head_dim *
                        static_cast<int64_t>(DTypeSize(layout.dtype));
   if (k_bytes != want || v_bytes != want) {
-    return absl::InvalidArgumentError(absl::StrCat("k and v must hold ", want, " bytes (",
-                                                   num_tokens, " x ", layout.num_kv_heads, " x ",
-                                                   layout.head_dim, " ", std::string(DTypeName(layout.dtype)),
-                                                   "), got ", k_bytes, " and ", v_bytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("k and v must hold ", want, " bytes (", num_tokens, " x ", layout.num_kv_heads,
+                     " x ", layout.head_dim, " ", std::string(DTypeName(layout.dtype)), "), got ",
+                     k_bytes, " and ", v_bytes));
   }
   const int64_t lo = *std::min_element(s.layer_len.begin(), s.layer_len.end());
   const int64_t hi = *std::max_element(s.layer_len.begin(), s.layer_len.end());
@@ -616,9 +623,9 @@ absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_byte
           "must reach ", hi, " before any layer goes past it"));
     }
     if (len + num_tokens != hi) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("the step in progress goes to length ", hi, "; layer ", layer,
-                       " must append exactly ", hi - len, " tokens, got ", num_tokens));
+      return absl::InvalidArgumentError(absl::StrCat("the step in progress goes to length ", hi,
+                                                     "; layer ", layer, " must append exactly ",
+                                                     hi - len, " tokens, got ", num_tokens));
     }
   }
   if (len + num_tokens > std::numeric_limits<int32_t>::max()) {
@@ -639,6 +646,7 @@ absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, co
 
   // Plan: per head, whether the tail page must be copied first (shared, or not in the home
   // tier's memory) and how many fresh pages are needed; take every slot before writing anything.
+  // No copy is in flight and partial pages never spill, so any full page may make room.
   struct HeadPlan {
     bool copy_tail = false;
     int64_t fresh = 0;
@@ -657,7 +665,8 @@ absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, co
     plan[h].fresh = PagesFor(std::max<int64_t>(0, num_tokens - room), P);
     const int64_t need = plan[h].fresh + (plan[h].copy_tail ? 1 : 0);
     for (int64_t i = 0; i < need; ++i) {
-      absl::StatusOr<uint64_t> slot = TakeSlot(s, t, home, layer);
+      absl::StatusOr<uint64_t> slot = TakeSlot(s, t, home, /*protect_begin=*/0,
+                                               /*protect_end=*/0);
       if (!slot.ok()) {
         st = slot.status();
         break;
@@ -744,8 +753,7 @@ absl::Status Engine::ApplyEviction(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY
     t.meta.resize(w);
     t.phys.resize(w);
     s.evicted_pages += static_cast<int64_t>(decision.drop.size());
-    evicted_pages_.fetch_add(static_cast<int64_t>(decision.drop.size()),
-                             std::memory_order_relaxed);
+    evicted_pages_.fetch_add(static_cast<int64_t>(decision.drop.size()), std::memory_order_relaxed);
   }
   return absl::OkStatus();
 }
@@ -769,8 +777,7 @@ absl::Status Engine::Append(const SequenceId& seq, LayerId layer, absl::Span<con
 namespace {
 
 kernels::PagedKvView ViewOf(const PagePool& device, const ModelLayout& layout,
-                            const std::vector<int32_t>& indptr,
-                            const std::vector<int32_t>& indices,
+                            const std::vector<int32_t>& indptr, const std::vector<int32_t>& indices,
                             const std::vector<int32_t>& last_page_len, int num_heads) {
   kernels::PagedKvView kv;
   kv.pool = device.base();
@@ -787,8 +794,8 @@ kernels::PagedKvView ViewOf(const PagePool& device, const ModelLayout& layout,
 
 }  // namespace
 
-absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float* o, float* lse)
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float* o,
+                                  float* lse) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
   const int g = layout.group_size();
@@ -796,7 +803,7 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
   ++s.step;
   if (s.placement.mode != PlacementMode::kHeadOffload) {
     Staging staged;
-    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, staged));
+    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, staged));
     absl::Status st = WaitStaged(staged);
     if (st.ok()) {
       kernels::DecodeArgs args;
@@ -817,13 +824,13 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
   absl::Status st;
   for (int h = 0; h < H && st.ok(); ++h) {
     if (!staged[h].active) {
-      st = Stage(s, layer, h, h + 1, CopyPriority::kDemandFetch, staged[h]);
+      st = Stage(s, layer, h, h + 1, CopyPriority::kDemandFetch, h, staged[h]);
       if (!st.ok()) break;
     }
     // Best effort: a prefetch that does not fit (or fails) is staged on demand later.
     for (int j = h + 1; j <= std::min(H - 1, h + ahead); ++j) {
       if (staged[j].active) continue;
-      if (!Stage(s, layer, j, j + 1, CopyPriority::kPrefetch, staged[j]).ok()) break;
+      if (!Stage(s, layer, j, j + 1, CopyPriority::kPrefetch, h, staged[j]).ok()) break;
     }
     st = WaitStaged(staged[h]);
     if (!st.ok()) break;
@@ -833,9 +840,9 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
     args.o = o + int64_t{h} * g * D;
     args.lse = lse == nullptr ? nullptr : lse + int64_t{h} * g;
     args.num_threads = options_.compute_threads;
-    st = kernels::DecodeAttention(ViewOf(*device_, layout, staged[h].indptr, staged[h].indices,
-                                         staged[h].last_page_len, 1),
-                                  args);
+    st = kernels::DecodeAttention(
+        ViewOf(*device_, layout, staged[h].indptr, staged[h].indices, staged[h].last_page_len, 1),
+        args);
     Unstage(staged[h]);
   }
   for (Staging& x : staged) Unstage(x);
@@ -853,17 +860,18 @@ absl::Status Engine::Attend(const SequenceId& seq, LayerId layer, absl::Span<con
         absl::StrCat("layer ", layer.value(), " out of range [0, ", layout.num_layers, ")"));
   }
   const size_t qsize = static_cast<size_t>(layout.num_q_heads) * layout.head_dim;
-  if (q.size() != qsize || o.size() != qsize || lse.size() != static_cast<size_t>(layout.num_q_heads)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "q and o must hold ", qsize, " floats and lse ", layout.num_q_heads, "; got ", q.size(),
-        ", ", o.size(), ", ", lse.size()));
+  if (q.size() != qsize || o.size() != qsize ||
+      lse.size() != static_cast<size_t>(layout.num_q_heads)) {
+    return absl::InvalidArgumentError(absl::StrCat("q and o must hold ", qsize, " floats and lse ",
+                                                   layout.num_q_heads, "; got ", q.size(), ", ",
+                                                   o.size(), ", ", lse.size()));
   }
   return AttendLocked(*s, layer.value(), q.data(), o.data(), lse.data());
 }
 
 absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const std::byte* k,
-                                   const std::byte* v, int num_tokens, float* o, float* lse)
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                   const std::byte* v, int num_tokens, float* o,
+                                   float* lse) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
   const int Hq = layout.num_q_heads;
@@ -874,7 +882,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
   absl::Status st;
   if (s.placement.mode != PlacementMode::kHeadOffload) {
     Staging staged;
-    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, staged));
+    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, staged));
     st = WaitStaged(staged);
     if (st.ok()) {
       kernels::PrefillArgs args;
@@ -899,7 +907,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
     for (int h = 0; h < H && st.ok(); ++h) {
       Staging cur;
       if (h == 0 || !next_staged.active) {
-        st = Stage(s, layer, h, h + 1, CopyPriority::kDemandFetch, cur);
+        st = Stage(s, layer, h, h + 1, CopyPriority::kDemandFetch, h, cur);
       } else {
         cur = std::move(next_staged);
         next_staged = Staging();
@@ -907,7 +915,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
       if (!st.ok()) break;
       if (h + 1 < H && s.placement.heads_ahead() > 0) {
         // Best effort: a prefetch that does not fit is staged on demand instead.
-        if (!Stage(s, layer, h + 1, h + 2, CopyPriority::kPrefetch, next_staged).ok()) {
+        if (!Stage(s, layer, h + 1, h + 2, CopyPriority::kPrefetch, h, next_staged).ok()) {
           next_staged = Staging();
         }
       }
@@ -1002,8 +1010,8 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
   RETURN_IF_ERROR(CheckLive(*s));
   const int64_t length = s->length();
   if (new_length < 0 || new_length > length) {
-    return absl::InvalidArgumentError(absl::StrCat("new_length ", new_length,
-                                                   " must be in [0, ", length, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("new_length ", new_length, " must be in [0, ", length, "]"));
   }
   const int P = s->layout().page_tokens;
   ++s->step;

@@ -171,8 +171,8 @@ class Engine {
   // output). q: [T][num_q_heads][head_dim] f32; k, v: [T][num_kv_heads][head_dim] in `dtype`;
   // o: [T][num_q_heads][head_dim]; lse: [T][num_q_heads] (may be empty: not written).
   absl::Status Prefill(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
-                       absl::Span<const std::byte> k, absl::Span<const std::byte> v,
-                       int num_tokens, DType dtype, absl::Span<float> o, absl::Span<float> lse);
+                       absl::Span<const std::byte> k, absl::Span<const std::byte> v, int num_tokens,
+                       DType dtype, absl::Span<float> o, absl::Span<float> lse);
 
   // A new sequence sharing every page of `seq` copy-on-write, with the same lengths, layout and
   // policies. The parent is unchanged by anything done to the child and vice versa.
@@ -207,9 +207,7 @@ class Engine {
   };
 
   explicit Engine(const EngineOptions& options);
-  Shard& ShardFor(const SequenceId& id) {
-    return shards_[(id.lo() ^ id.hi()) % kNumShards];
-  }
+  Shard& ShardFor(const SequenceId& id) { return shards_[(id.lo() ^ id.hi()) % kNumShards]; }
   // The live sequence, or NOT_FOUND.
   absl::StatusOr<std::shared_ptr<Sequence>> Find(const SequenceId& id);
   absl::Status CheckLive(const Sequence& s) const;
@@ -221,14 +219,16 @@ class Engine {
   void Unref(PhysPage* page);
   void ReleaseArena(HeadTable& table);
   void ReleaseAllPages(Sequence& s);
-  absl::StatusOr<uint64_t> TakeSlot(Sequence& s, HeadTable& table, Tier tier, int protect_layer);
-  absl::Status SpillColdest(Sequence& s, int64_t count, int protect_layer);
-  absl::Status EnsureInMemory(Sequence& s, HeadTable& table, size_t index, int protect_layer);
+  absl::StatusOr<uint64_t> TakeSlot(Sequence& s, HeadTable& table, Tier tier, size_t protect_begin,
+                                    size_t protect_end);
+  absl::Status SpillColdest(Sequence& s, int64_t count, size_t protect_begin, size_t protect_end);
+  absl::Status EnsureInMemory(Sequence& s, HeadTable& table, size_t index, size_t protect_begin,
+                              size_t protect_end);
   void FreeSlot(Tier tier, uint64_t slot);
 
   // Staging of heads [h_begin, h_end) of `layer` on the device; see engine.cc.
   absl::Status Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
-                     Staging& out);
+                     int protect_from_head, Staging& out);
   absl::Status WaitStaged(Staging& staging);
   void Unstage(Staging& staging);
 

@@ -43,8 +43,8 @@ absl::StatusOr<PlacementSpec> ResolvePlacement(const headwise::v1::PolicySpec& s
   }
   if (p.has_device_head_groups()) {
     if (p.device_head_groups() < 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "placement.device_head_groups must be >= 1, got ", p.device_head_groups()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("placement.device_head_groups must be >= 1, got ", p.device_head_groups()));
     }
     out.device_head_groups = p.device_head_groups();
   }

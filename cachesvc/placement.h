@@ -39,7 +39,9 @@ struct PlacementSpec {
   int prefetch_depth = 1;
 
   // The tier a page is written to when it is appended.
-  Tier home_tier() const { return mode == PlacementMode::kDeviceOnly ? Tier::kDevice : Tier::kHost; }
+  Tier home_tier() const {
+    return mode == PlacementMode::kDeviceOnly ? Tier::kDevice : Tier::kHost;
+  }
   // kHeadOffload: heads staged ahead of the current one: min(device_head_groups - 1,
   // prefetch_depth). 0 for the other modes.
   int heads_ahead() const;

@@ -31,8 +31,8 @@ struct KvChunk {
 // Everything appended to one sequence, per layer, as the stored (rounded) values.
 class KvHistory {
  public:
-  explicit KvHistory(const ModelLayout& layout) : layout_(layout), k_(layout.num_layers),
-                                                   v_(layout.num_layers) {}
+  explicit KvHistory(const ModelLayout& layout)
+      : layout_(layout), k_(layout.num_layers), v_(layout.num_layers) {}
 
   // Fresh random K/V of `num_tokens` tokens (never zeros).
   KvChunk MakeChunk(int num_tokens, uint32_t seed) const {
