@@ -147,9 +147,9 @@ class Engine {
   // registered layout's; RESOURCE_EXHAUSTED when a budget holds no page of it.
   absl::Status RegisterLayout(const std::string& name, const ModelLayout& layout);
 
-  // A new empty sequence with a fresh 128-bit random handle. NOT_FOUND for an unknown layout;
-  // INVALID_ARGUMENT for a spec that does not resolve (placement, head roles, eviction);
-  // FAILED_PRECONDITION for an offload placement... never: every placement works without disk.
+  // A new empty sequence with a fresh 128-bit random handle. NOT_FOUND for an unknown layout
+  // or a missing DuoAttention TSV; INVALID_ARGUMENT for a spec that does not resolve
+  // (placement, head roles, eviction). Every placement works without a disk tier.
   absl::StatusOr<SequenceId> CreateSequence(const std::string& layout_name,
                                             const headwise::v1::PolicySpec& spec);
 
