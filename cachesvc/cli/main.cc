@@ -1,8 +1,9 @@
-// `headwise`: the command-line tool. Subcommands: plan.
+// `headwise`: the command-line tool. Subcommands: plan, status, list, stats.
 #include <iostream>
 #include <string>
 #include <vector>
 
+#include "cachesvc/cli/daemon_commands.h"
 #include "cachesvc/cli/plan_command.h"
 
 namespace {
@@ -13,6 +14,9 @@ constexpr char kUsage[] =
     "commands:\n"
     "  plan    KV bytes per tier (device, host, disk) and modelled decode time per token for a\n"
     "          model layout, context length, policy and device profile\n"
+    "  status  health of a running headwised and a summary of its tiers\n"
+    "  list    the sequences of your tenant in a running headwised\n"
+    "  stats   every statistic of a running headwised\n"
     "\n"
     "`headwise <command> --help` describes a command's flags.\n";
 
@@ -31,6 +35,9 @@ int main(int argc, char** argv) {
   }
   const std::vector<std::string> rest(args.begin() + 1, args.end());
   if (command == "plan") return headwise::RunPlanCommand(rest, std::cout, std::cerr);
+  if (command == "status") return headwise::RunStatusCommand(rest, std::cout, std::cerr);
+  if (command == "list") return headwise::RunListCommand(rest, std::cout, std::cerr);
+  if (command == "stats") return headwise::RunStatsCommand(rest, std::cout, std::cerr);
   std::cerr << "headwise: unknown command '" << command << "'\n\n" << kUsage;
   return headwise::kExitUsage;
 }

@@ -616,8 +616,8 @@ absl::StatusOr<StagingRegion> Client::OpenStaging(uint64_t size) {
   }));
   // From here on, every failure closes the region on the daemon (the StagingRegion does it).
   StagingRegion region(connection_, response.region_id(), response.shm_name(), nullptr, 0);
-  std::string name = response.shm_name();
-  if (!absl::StartsWith(name, "/")) name.insert(0, "/");
+  const std::string name =
+      absl::StrCat(absl::StartsWith(response.shm_name(), "/") ? "" : "/", response.shm_name());
   const int fd = shm_open(name.c_str(), O_RDWR, 0);
   if (fd < 0) {
     return absl::InternalError(absl::StrCat("shm_open(", name, "): ", std::strerror(errno),
