@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "clients/llama2/checkpoint.h"
 #include "clients/llama2/embedded_backend.h"
+#include "clients/llama2/remote_backend.h"
 #include "clients/llama2/sampler.h"
 #include "clients/llama2/tokenizer.h"
 #include "clients/llama2/transformer.h"
@@ -28,7 +29,9 @@ constexpr char kUsage[] =
     "  -p <float>         top-p (nucleus) in [0, 1]. Default 0.9\n"
     "  -s <int>           RNG seed; 0 = current time (as run.c). Default 0\n"
     "  -i <string>        prompt. Default empty\n"
-    "  --embedded         in-process Headwise engine (the default and only backend)\n"
+    "  --embedded         in-process Headwise engine (the default)\n"
+    "  --target <addr>    use the headwised daemon at <addr> (unix:/path.sock or host:port)\n"
+    "  --token <token>    daemon bearer token. Default dev-token\n"
     "  --sink <int>       StreamingLLM: attention-sink tokens kept (enables the policy)\n"
     "  --recent <int>     StreamingLLM: recent tokens kept (enables the policy)\n"
     "  --page-tokens <n>  tokens per KV page, a power of two. Default 16\n";
@@ -41,6 +44,8 @@ struct Flags {
   float top_p = 0.9f;
   int64_t seed = 0;
   std::string prompt;
+  std::string target;  // Empty: embedded engine.
+  std::string token = client::kDefaultToken;
   bool streaming = false;
   int64_t sink = 4;
   int64_t recent = 64;
@@ -51,7 +56,10 @@ absl::Status ParseFlags(int argc, char** argv, Flags& flags) {
   int positional = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
-    if (arg == "--embedded") continue;
+    if (arg == "--embedded") {
+      flags.target.clear();
+      continue;
+    }
     if (arg.empty() || arg[0] != '-') {
       if (positional == 0) {
         flags.checkpoint = argv[i];
@@ -87,8 +95,9 @@ absl::Status ParseFlags(int argc, char** argv, Flags& flags) {
     } else if (arg == "--page-tokens") {
       ok = absl::SimpleAtoi(value, &flags.page_tokens);
     } else if (arg == "--target") {
-      return absl::UnimplementedError(
-          "--target: no daemon backend yet; only --embedded exists (docs/llama2.md)");
+      flags.target = value;
+    } else if (arg == "--token") {
+      flags.token = value;
     } else {
       return absl::InvalidArgumentError(absl::StrCat("unknown flag ", std::string(arg)));
     }
@@ -108,20 +117,31 @@ absl::Status Run(const Flags& flags) {
       Tokenizer::Load(flags.tokenizer, checkpoint->config.vocab_size);
   if (!tokenizer.ok()) return tokenizer.status();
 
-  absl::StatusOr<std::unique_ptr<EmbeddedBackend>> backend = EmbeddedBackend::Create({});
-  if (!backend.ok()) return backend.status();
+  std::unique_ptr<KvBackend> backend;
+  if (flags.target.empty()) {
+    absl::StatusOr<std::unique_ptr<EmbeddedBackend>> embedded = EmbeddedBackend::Create({});
+    if (!embedded.ok()) return embedded.status();
+    backend = *std::move(embedded);
+  } else {
+    client::ClientOptions client_options;
+    client_options.target = flags.target;
+    client_options.token = flags.token;
+    absl::StatusOr<std::unique_ptr<RemoteBackend>> remote = RemoteBackend::Connect(client_options);
+    if (!remote.ok()) return remote.status();
+    backend = *std::move(remote);
+  }
   TransformerOptions options;
   options.page_tokens = flags.page_tokens;
   if (flags.streaming) options.policy = StreamingLlmPolicy(flags.sink, flags.recent);
   absl::StatusOr<std::unique_ptr<Transformer>> transformer =
-      Transformer::Create(&*checkpoint, backend->get(), options);
+      Transformer::Create(&*checkpoint, backend.get(), options);
   if (!transformer.ok()) return transformer.status();
 
   SamplerOptions sampler_options;
   sampler_options.temperature = flags.temperature;
   sampler_options.top_p = flags.top_p;
-  // run.c: a seed <= 0 means the current time.
-  sampler_options.seed = flags.seed > 0
+  // run.c: seed 0 means the current time; a negative seed wraps to unsigned, as in run.c.
+  sampler_options.seed = flags.seed != 0
                              ? static_cast<uint64_t>(flags.seed)
                              : static_cast<uint64_t>(static_cast<unsigned>(time(nullptr)));
   Sampler sampler(sampler_options);
@@ -136,11 +156,13 @@ absl::Status Run(const Flags& flags) {
   const std::string policy =
       flags.streaming ? absl::StrCat("StreamingLLM sink ", flags.sink, " recent ", flags.recent)
                       : std::string("full cache");
-  std::fprintf(stderr, "achieved tok/s: %f (%d positions, seed %llu, %s, page_tokens %d)\n",
+  const std::string where =
+      flags.target.empty() ? std::string("embedded engine") : "daemon " + flags.target;
+  std::fprintf(stderr, "achieved tok/s: %f (%d positions, seed %llu, %s, page_tokens %d, %s)\n",
                result->tokens_per_second, result->positions,
                static_cast<unsigned long long>(sampler_options.seed), policy.c_str(),
-               flags.page_tokens);
-  absl::StatusOr<std::string> stats = (*backend)->DescribeStats((*transformer)->sequence());
+               flags.page_tokens, where.c_str());
+  absl::StatusOr<std::string> stats = backend->DescribeStats((*transformer)->sequence());
   if (!stats.ok()) return stats.status();
   std::fprintf(stderr, "%s\n", stats->c_str());
   return absl::OkStatus();
