@@ -10,3 +10,6 @@ find_package(GTest REQUIRED)
 find_package(benchmark CONFIG REQUIRED)
 find_package(Threads REQUIRED)
 find_package(RocksDB CONFIG REQUIRED)
+find_package(spdlog CONFIG REQUIRED)
+# cpp-httplib is header only and ships no CMake config in Debian.
+find_path(HTTPLIB_INCLUDE_DIR httplib.h REQUIRED)

@@ -1,0 +1,62 @@
+// Loading and checking the daemon's configuration (proto/headwise/v1/config.proto).
+//
+// A DaemonConfig as read from a file leaves unset what the user did not write; ResolveConfig
+// fills every default in explicitly, so the rest of the daemon reads plain values and never
+// repeats a default.
+#ifndef HEADWISE_CACHESVC_SERVICE_CONFIG_H_
+#define HEADWISE_CACHESVC_SERVICE_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "headwise/v1/config.pb.h"
+
+namespace headwise {
+
+// Defaults of DaemonConfig (config.proto documents each).
+inline constexpr char kDefaultUnixSocket[] = "./var/headwised.sock";
+inline constexpr char kDefaultMetricsAddress[] = "127.0.0.1:9464";
+inline constexpr char kDefaultDataDir[] = "./var/data";
+inline constexpr uint64_t kDefaultDeviceBudgetBytes = uint64_t{1} << 30;
+inline constexpr uint64_t kDefaultHostBudgetBytes = uint64_t{1} << 30;
+inline constexpr uint64_t kDefaultMaxMessageBytes = uint64_t{64} << 20;
+inline constexpr uint64_t kDefaultMaxStagingRegionBytes = uint64_t{1} << 30;
+inline constexpr int kDefaultWorkerThreads = 4;
+inline constexpr int kDefaultShutdownGraceMs = 5000;
+inline constexpr char kDefaultLogLevel[] = "info";
+inline constexpr int kDefaultCopyThreads = 2;
+// The token of the built-in "default" tenant when neither --token nor $HEADWISE_TOKEN is given.
+// For local use only.
+inline constexpr char kDevToken[] = "dev-token";
+
+// Parses a text-format DaemonConfig. INVALID_ARGUMENT with the parser's line and column on a
+// syntax error or unknown field.
+absl::StatusOr<headwise::v1::DaemonConfig> ParseConfigText(const std::string& text);
+
+// Reads and parses the file at `path`. NOT_FOUND when it cannot be read.
+absl::StatusOr<headwise::v1::DaemonConfig> LoadConfigFile(const std::string& path);
+
+// Returns `config` with every optional field set to its value or default, and, when it has no
+// tenants, the "default" tenant with `default_token` (callers pass --token, $HEADWISE_TOKEN or
+// kDevToken). Then checks it: INVALID_ARGUMENT for zero budgets or sizes, no listener at all,
+// a non-loopback address without allow_non_loopback, half a TLS key pair, duplicate or empty
+// tenant names/tokens, an unknown log level.
+absl::StatusOr<headwise::v1::DaemonConfig> ResolveConfig(headwise::v1::DaemonConfig config,
+                                                         const std::string& default_token);
+
+// "1073741824", "512K", "64MiB", "1G", "1GiB" (K/M/G/T are powers of 1024). INVALID_ARGUMENT
+// otherwise or on overflow.
+absl::StatusOr<uint64_t> ParseByteSize(const std::string& text);
+
+// True for hosts that name the loopback interface: 127.x.y.z, ::1, [::1], localhost.
+bool IsLoopbackHost(const std::string& host);
+
+// Splits "host:port" / "[v6]:port". INVALID_ARGUMENT when there is no port or it is not a number
+// in 0..65535.
+absl::Status SplitHostPort(const std::string& address, std::string* host, int* port);
+
+}  // namespace headwise
+
+#endif  // HEADWISE_CACHESVC_SERVICE_CONFIG_H_

@@ -1,0 +1,258 @@
+// HeadwiseService: the gRPC callback service of proto/headwise/v1/service.proto over an Engine.
+//
+// Threading: every RPC method runs on a gRPC thread and only authenticates (a constant-time
+// token compare) and hands the request to the WorkerPool; the worker does the engine work and
+// finishes the reactor. DecodeStream runs one step at a time per stream: read, work on the pool,
+// write, read again.
+//
+// Tenancy: a tenant is authenticated from the `authorization: Bearer <token>` metadata of every
+// call. Layout names, sequence handles and staging regions are scoped to their tenant; another
+// tenant's handle is NOT_FOUND, exactly like one that never existed.
+//
+// Handles: 32 lowercase hex digits drawn from a 128-bit random source, mapped to the engine's
+// SequenceId inside the service (a restored durable sequence keeps its handle but gets a new
+// engine id).
+//
+// Durability: see durable_log.h. Ops on one sequence are serialized by the sequence's lock, so
+// the log order is the engine order.
+#ifndef HEADWISE_CACHESVC_SERVICE_HEADWISE_SERVICE_H_
+#define HEADWISE_CACHESVC_SERVICE_HEADWISE_SERVICE_H_
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/random/random.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "cachesvc/engine.h"
+#include "cachesvc/service/durable_log.h"
+#include "cachesvc/service/metrics.h"
+#include "cachesvc/service/staging.h"
+#include "cachesvc/service/tenants.h"
+#include "cachesvc/service/worker_pool.h"
+#include "headwise/v1/service.grpc.pb.h"
+
+namespace headwise {
+
+// absl::Status -> grpc::Status; the codes are the same numbers.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// "OK", "NOT_FOUND", ... (the gRPC code names, for metrics and logs).
+std::string StatusCodeName(absl::StatusCode code);
+
+struct HeadwiseServiceOptions {
+  // Not owned; must outlive the service. Required.
+  Engine* engine = nullptr;
+  const TenantRegistry* tenants = nullptr;
+  StagingRegistry* staging = nullptr;
+  ServiceMetrics* metrics = nullptr;
+  // Where durable sequences are logged. nullptr: CreateSequence(durable) is
+  // FAILED_PRECONDITION. Default: nullptr.
+  DurableLog* durable_log = nullptr;
+  // Threads of the worker pool. Default: 4.
+  int worker_threads = 4;
+  // Reported by Health. Default: "0.1.0".
+  std::string version = "0.1.0";
+};
+
+class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
+ public:
+  // REQUIRES: every pointer in `options` except durable_log is non-null.
+  explicit HeadwiseService(const HeadwiseServiceOptions& options);
+  // REQUIRES: the gRPC server has shut down (no call in flight). Joins the workers.
+  ~HeadwiseService() override;
+
+  // Re-creates every durable sequence (and registered layout) from the log: same handles, same
+  // tenants, ops replayed in order. Call once, before serving. A sequence whose tenant is no
+  // longer configured, or whose replay fails, is skipped with an error log (its records stay on
+  // disk). Returns the number of sequences restored.
+  absl::StatusOr<int> Restore();
+
+  // Live sequences over all tenants.
+  int64_t num_sequences() const;
+
+  // The unary methods of service.proto. Each authenticates, then runs on the worker pool.
+  grpc::ServerUnaryReactor* RegisterLayout(grpc::CallbackServerContext* ctx,
+                                           const headwise::v1::RegisterLayoutRequest* request,
+                                           headwise::v1::RegisterLayoutResponse* response) override;
+  grpc::ServerUnaryReactor* CreateSequence(grpc::CallbackServerContext* ctx,
+                                           const headwise::v1::CreateSequenceRequest* request,
+                                           headwise::v1::CreateSequenceResponse* response) override;
+  grpc::ServerUnaryReactor* Fork(grpc::CallbackServerContext* ctx,
+                                 const headwise::v1::ForkRequest* request,
+                                 headwise::v1::ForkResponse* response) override;
+  grpc::ServerUnaryReactor* Append(grpc::CallbackServerContext* ctx,
+                                   const headwise::v1::AppendRequest* request,
+                                   headwise::v1::AppendResponse* response) override;
+  grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* ctx,
+                                   const headwise::v1::AttendRequest* request,
+                                   headwise::v1::AttendResponse* response) override;
+  grpc::ServerUnaryReactor* Prefill(grpc::CallbackServerContext* ctx,
+                                    const headwise::v1::PrefillRequest* request,
+                                    headwise::v1::PrefillResponse* response) override;
+  grpc::ServerUnaryReactor* DecodeStep(grpc::CallbackServerContext* ctx,
+                                       const headwise::v1::DecodeStepRequest* request,
+                                       headwise::v1::DecodeStepResponse* response) override;
+  grpc::ServerUnaryReactor* Truncate(grpc::CallbackServerContext* ctx,
+                                     const headwise::v1::TruncateRequest* request,
+                                     headwise::v1::TruncateResponse* response) override;
+  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx,
+                                    const headwise::v1::ReleaseRequest* request,
+                                    headwise::v1::ReleaseResponse* response) override;
+  grpc::ServerUnaryReactor* GetSequence(grpc::CallbackServerContext* ctx,
+                                        const headwise::v1::GetSequenceRequest* request,
+                                        headwise::v1::SequenceInfo* response) override;
+  grpc::ServerUnaryReactor* ListSequences(grpc::CallbackServerContext* ctx,
+                                          const headwise::v1::ListSequencesRequest* request,
+                                          headwise::v1::ListSequencesResponse* response) override;
+  grpc::ServerUnaryReactor* OpenStaging(grpc::CallbackServerContext* ctx,
+                                        const headwise::v1::OpenStagingRequest* request,
+                                        headwise::v1::OpenStagingResponse* response) override;
+  grpc::ServerUnaryReactor* CloseStaging(grpc::CallbackServerContext* ctx,
+                                         const headwise::v1::CloseStagingRequest* request,
+                                         headwise::v1::CloseStagingResponse* response) override;
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx,
+                                  const headwise::v1::StatsRequest* request,
+                                  headwise::v1::StatsResponse* response) override;
+  grpc::ServerUnaryReactor* Health(grpc::CallbackServerContext* ctx,
+                                   const headwise::v1::HealthRequest* request,
+                                   headwise::v1::HealthResponse* response) override;
+  grpc::ServerBidiReactor<headwise::v1::StreamStepRequest, headwise::v1::DecodeStepResponse>*
+  DecodeStream(grpc::CallbackServerContext* ctx) override;
+
+ private:
+  class DecodeStreamReactor;
+
+  // One live sequence as the service sees it.
+  struct SequenceEntry {
+    std::string handle;
+    const Tenant* tenant = nullptr;
+    std::string layout_name;  // The tenant's name for the layout.
+    ModelLayout layout;
+    bool durable = false;
+    // New pages land in the device tier (DEVICE_ONLY) or the host tier (offload placements);
+    // used to check tier quotas before an append.
+    Tier append_tier = Tier::kDevice;
+    // Serializes every op on the sequence (engine call plus its log write, in that order).
+    absl::Mutex mu;
+    SequenceId engine_id ABSL_GUARDED_BY(mu);
+    bool released ABSL_GUARDED_BY(mu) = false;
+    uint32_t next_op ABSL_GUARDED_BY(mu) = 0;
+    // Bytes per tier at the end of the last op (what this sequence adds to its tenant's usage).
+    std::array<int64_t, 3> tier_bytes ABSL_GUARDED_BY(mu) = {0, 0, 0};
+  };
+
+  // Per-tenant state.
+  struct TenantState {
+    absl::Mutex mu;
+    absl::flat_hash_map<std::string, ModelLayout> layouts ABSL_GUARDED_BY(mu);
+    int64_t sequences ABSL_GUARDED_BY(mu) = 0;
+    // Sum of tier_bytes over the tenant's live sequences.
+    std::array<int64_t, 3> tier_bytes ABSL_GUARDED_BY(mu) = {0, 0, 0};
+  };
+
+  static constexpr int kNumShards = 16;
+  struct Shard {
+    mutable absl::Mutex mu;
+    absl::flat_hash_map<std::string, std::shared_ptr<SequenceEntry>> sequences
+        ABSL_GUARDED_BY(mu);
+  };
+
+  // A request's input bytes: a view of inline or staged bytes, and what keeps them alive.
+  struct Bytes {
+    absl::Span<const std::byte> span;
+    std::shared_ptr<StagingRegion> region;
+  };
+
+  // Authenticates from metadata, then runs `work` on the pool and finishes the reactor with its
+  // status; records metrics and logs errors.
+  grpc::ServerUnaryReactor* Dispatch(const char* rpc, grpc::CallbackServerContext* ctx,
+                                     std::function<absl::Status(const Tenant&)> work);
+  absl::StatusOr<const Tenant*> Authenticate(grpc::CallbackServerContext* ctx) const;
+  void Record(const char* rpc, const Tenant* tenant, absl::Time start,
+              const absl::Status& status) const;
+
+  Shard& ShardFor(const std::string& handle);
+  // The tenant's live entry, or NOT_FOUND (unknown, released, malformed, or another tenant's).
+  absl::StatusOr<std::shared_ptr<SequenceEntry>> FindSequence(const Tenant& tenant,
+                                                              const std::string& handle);
+  TenantState& StateOf(const Tenant& tenant);
+  std::string NewHandle();
+  static std::string EngineLayoutName(const std::string& tenant, const std::string& name);
+
+  // Validates `tensor` against `dtype` and `shape` (exactly) and returns its bytes.
+  absl::StatusOr<Bytes> TensorBytes(const Tenant& tenant, const headwise::v1::Tensor& tensor,
+                                    const char* what, DType dtype,
+                                    const std::vector<int64_t>& shape);
+  // Writes o and lse to the response tensors, inline or into the placement's region.
+  absl::Status PutOutputs(const Tenant& tenant, const headwise::v1::OutputPlacement& placement,
+                          const std::vector<float>& o, std::vector<int64_t> o_shape,
+                          const std::vector<float>& lse, std::vector<int64_t> lse_shape,
+                          headwise::v1::Tensor* o_out, headwise::v1::Tensor* lse_out);
+  // INVALID_ARGUMENT when the placement names a region that cannot hold `bytes` at its offset.
+  absl::Status CheckPlacement(const Tenant& tenant,
+                              const headwise::v1::OutputPlacement& placement, uint64_t bytes);
+
+  // RESOURCE_EXHAUSTED when adding `bytes` to the entry's append tier would pass a quota.
+  absl::Status CheckTierQuota(const Tenant& tenant, const SequenceEntry& entry, uint64_t bytes);
+  // Refreshes entry.tier_bytes from the engine and the tenant's sums.
+  void UpdateUsage(SequenceEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
+
+  // Appends k/v to the entry's layer, logging it first when durable. REQUIRES entry.mu.
+  absl::Status AppendLocked(SequenceEntry& entry, int layer, const Bytes& k, const Bytes& v,
+                            int num_tokens) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
+
+  absl::Status DoRegisterLayout(const Tenant& tenant,
+                                const headwise::v1::RegisterLayoutRequest& request);
+  absl::Status DoCreateSequence(const Tenant& tenant,
+                                const headwise::v1::CreateSequenceRequest& request,
+                                headwise::v1::CreateSequenceResponse* response);
+  absl::Status DoFork(const Tenant& tenant, const headwise::v1::ForkRequest& request,
+                      headwise::v1::ForkResponse* response);
+  absl::Status DoAppend(const Tenant& tenant, const headwise::v1::AppendRequest& request,
+                        headwise::v1::AppendResponse* response);
+  absl::Status DoAttend(const Tenant& tenant, const headwise::v1::AttendRequest& request,
+                        headwise::v1::AttendResponse* response);
+  absl::Status DoPrefill(const Tenant& tenant, const headwise::v1::PrefillRequest& request,
+                         headwise::v1::PrefillResponse* response);
+  // DecodeStep and each DecodeStream step.
+  absl::Status DoDecodeStep(const Tenant& tenant, const std::string& handle, int layer,
+                            const headwise::v1::Tensor& q, const headwise::v1::Tensor& k,
+                            const headwise::v1::Tensor& v,
+                            const headwise::v1::OutputPlacement& output,
+                            headwise::v1::DecodeStepResponse* response);
+  absl::Status DoTruncate(const Tenant& tenant, const headwise::v1::TruncateRequest& request);
+  absl::Status DoRelease(const Tenant& tenant, const headwise::v1::ReleaseRequest& request);
+  absl::Status DoGetSequence(const Tenant& tenant, const std::string& handle,
+                             headwise::v1::SequenceInfo* info);
+  absl::Status DoListSequences(const Tenant& tenant, headwise::v1::ListSequencesResponse* out);
+  absl::Status DoOpenStaging(const Tenant& tenant, const headwise::v1::OpenStagingRequest& request,
+                             headwise::v1::OpenStagingResponse* response);
+  absl::Status DoStats(const Tenant& tenant, headwise::v1::StatsResponse* response);
+
+  // Inserts a new entry for `engine_id`; REQUIRES the tenant's sequence count was reserved.
+  std::shared_ptr<SequenceEntry> InsertSequence(const Tenant& tenant, std::string handle,
+                                                SequenceId engine_id, std::string layout_name,
+                                                const ModelLayout& layout, bool durable,
+                                                Tier append_tier);
+
+  const HeadwiseServiceOptions options_;
+  Engine* const engine_;
+  absl::flat_hash_map<const Tenant*, std::unique_ptr<TenantState>> tenant_states_;  // Immutable.
+  std::array<Shard, kNumShards> shards_;
+  absl::Mutex bitgen_mu_;
+  absl::BitGen bitgen_ ABSL_GUARDED_BY(bitgen_mu_);
+  std::unique_ptr<WorkerPool> workers_;
+};
+
+}  // namespace headwise
+
+#endif  // HEADWISE_CACHESVC_SERVICE_HEADWISE_SERVICE_H_
