@@ -102,11 +102,10 @@ int main(int argc, char** argv) {
   // The two lines scripts and people look for.
   std::printf("headwised listening on unix:%s%s\n",
               (*server)->unix_socket().empty() ? "(none)" : (*server)->unix_socket().c_str(),
-              (*server)->tcp_port() == 0
-                  ? ""
-                  : absl::StrCat(" tcp:", resolved->tcp_address(), " (port ",
-                                 (*server)->tcp_port(), ")")
-                        .c_str());
+              (*server)->tcp_port() == 0 ? ""
+                                         : absl::StrCat(" tcp:", resolved->tcp_address(), " (port ",
+                                                        (*server)->tcp_port(), ")")
+                                               .c_str());
   std::printf("headwised metrics at %s\n",
               (*server)->metrics_url().empty() ? "(disabled)" : (*server)->metrics_url().c_str());
   std::fflush(stdout);

@@ -92,8 +92,7 @@ absl::StatusOr<DaemonConfig> ResolveConfig(DaemonConfig config, const std::strin
     return absl::InvalidArgumentError("config: neither unix_socket nor tcp_address is set");
   }
   if (!config.tcp_address().empty()) {
-    RETURN_IF_ERROR(
-        CheckAddress("tcp_address", config.tcp_address(), config.allow_non_loopback()));
+    RETURN_IF_ERROR(CheckAddress("tcp_address", config.tcp_address(), config.allow_non_loopback()));
   }
   if (!config.metrics_address().empty()) {
     RETURN_IF_ERROR(
@@ -120,8 +119,8 @@ absl::StatusOr<DaemonConfig> ResolveConfig(DaemonConfig config, const std::strin
   if (config.shutdown_grace_ms() < 0) {
     return absl::InvalidArgumentError("config: shutdown_grace_ms must be >= 0");
   }
-  static const absl::flat_hash_set<std::string> kLevels = {
-      "trace", "debug", "info", "warn", "error", "critical", "off"};
+  static const absl::flat_hash_set<std::string> kLevels = {"trace", "debug",    "info", "warn",
+                                                           "error", "critical", "off"};
   if (!kLevels.contains(config.log_level())) {
     return absl::InvalidArgumentError(
         absl::StrCat("config: unknown log_level '", config.log_level(), "'"));
@@ -186,7 +185,8 @@ absl::Status SplitHostPort(const std::string& address, std::string* host, int* p
     return absl::InvalidArgumentError(absl::StrCat("address '", address, "' has no port"));
   }
   *host = address.substr(0, colon);
-  if (host->empty()) return absl::InvalidArgumentError(absl::StrCat("address '", address, "' has no host"));
+  if (host->empty())
+    return absl::InvalidArgumentError(absl::StrCat("address '", address, "' has no host"));
   const std::string port_text = address.substr(colon + 1);
   int value = 0;
   for (char c : port_text) {

@@ -50,10 +50,10 @@ absl::StatusOr<std::unique_ptr<DurableLog>> DurableLog::Open(const std::string& 
 }
 
 absl::Status DurableLog::PutLayout(const DurableLayoutRecord& record) {
-  return store_->Put(RecordFamily::kSequences,
-                     absl::StrCat(kLayoutPrefix, record.tenant(), std::string(1, '\0'),
-                                  record.name()),
-                     record.SerializeAsString(), /*sync=*/true);
+  return store_->Put(
+      RecordFamily::kSequences,
+      absl::StrCat(kLayoutPrefix, record.tenant(), std::string(1, '\0'), record.name()),
+      record.SerializeAsString(), /*sync=*/true);
 }
 
 absl::Status DurableLog::PutSequence(const DurableSequenceRecord& record) {
@@ -80,8 +80,7 @@ absl::Status DurableLog::PutAppend(const std::string& handle, uint32_t op_index,
   return store_->Write(batch, /*sync=*/true);
 }
 
-absl::Status DurableLog::PutTruncate(const std::string& handle, uint32_t op_index,
-                                     int64_t length) {
+absl::Status DurableLog::PutTruncate(const std::string& handle, uint32_t op_index, int64_t length) {
   RETURN_IF_ERROR(ParseHandle(handle).status());
   DurableOpRecord record;
   record.set_kind(DurableOpRecord::TRUNCATE);
@@ -120,17 +119,16 @@ absl::Status DurableLog::Flush() { return store_->Flush(); }
 absl::StatusOr<std::vector<DurableLayoutRecord>> DurableLog::LoadLayouts() {
   std::vector<DurableLayoutRecord> records;
   absl::Status parse_status;
-  RETURN_IF_ERROR(store_->Iterate(RecordFamily::kSequences, kLayoutPrefix,
-                                  [&](std::string_view key, std::string_view value) {
-                                    DurableLayoutRecord record;
-                                    if (!record.ParseFromArray(value.data(), value.size())) {
-                                      parse_status = absl::DataLossError(
-                                          absl::StrCat("bad layout record ", std::string(key)));
-                                      return false;
-                                    }
-                                    records.push_back(std::move(record));
-                                    return true;
-                                  }));
+  RETURN_IF_ERROR(store_->Iterate(
+      RecordFamily::kSequences, kLayoutPrefix, [&](std::string_view key, std::string_view value) {
+        DurableLayoutRecord record;
+        if (!record.ParseFromArray(value.data(), value.size())) {
+          parse_status = absl::DataLossError(absl::StrCat("bad layout record ", std::string(key)));
+          return false;
+        }
+        records.push_back(std::move(record));
+        return true;
+      }));
   RETURN_IF_ERROR(parse_status);
   return records;
 }
@@ -138,17 +136,17 @@ absl::StatusOr<std::vector<DurableLayoutRecord>> DurableLog::LoadLayouts() {
 absl::StatusOr<std::vector<DurableSequenceRecord>> DurableLog::LoadSequences() {
   std::vector<DurableSequenceRecord> records;
   absl::Status parse_status;
-  RETURN_IF_ERROR(store_->Iterate(RecordFamily::kSequences, kSequencePrefix,
-                                  [&](std::string_view key, std::string_view value) {
-                                    DurableSequenceRecord record;
-                                    if (!record.ParseFromArray(value.data(), value.size())) {
-                                      parse_status = absl::DataLossError(
-                                          absl::StrCat("bad sequence record ", std::string(key)));
-                                      return false;
-                                    }
-                                    records.push_back(std::move(record));
-                                    return true;
-                                  }));
+  RETURN_IF_ERROR(store_->Iterate(
+      RecordFamily::kSequences, kSequencePrefix, [&](std::string_view key, std::string_view value) {
+        DurableSequenceRecord record;
+        if (!record.ParseFromArray(value.data(), value.size())) {
+          parse_status =
+              absl::DataLossError(absl::StrCat("bad sequence record ", std::string(key)));
+          return false;
+        }
+        records.push_back(std::move(record));
+        return true;
+      }));
   RETURN_IF_ERROR(parse_status);
   return records;
 }
@@ -184,8 +182,8 @@ absl::Status DurableLog::ReadAppend(const std::string& handle, const Op& op,
   ASSIGN_OR_RETURN(SequenceId id, ParseHandle(handle));
   k->resize(op.record.k_bytes());
   v->resize(op.record.v_bytes());
-  absl::Status status = store_->GetPage(PageKey{id, LayerId(0), HeadId(0), op.index},
-                                        absl::MakeSpan(*k));
+  absl::Status status =
+      store_->GetPage(PageKey{id, LayerId(0), HeadId(0), op.index}, absl::MakeSpan(*k));
   if (status.ok()) {
     status = store_->GetPage(PageKey{id, LayerId(0), HeadId(1), op.index}, absl::MakeSpan(*v));
   }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -73,10 +74,9 @@ absl::Status CheckLayer(const ModelLayout& layout, int layer) {
 // The token count T of a [T][heads][head_dim] tensor, checked for rank and range.
 absl::StatusOr<int> TokenCount(const Tensor& tensor, const char* what) {
   if (tensor.shape_size() != 3 || tensor.shape(0) < 1 || tensor.shape(0) > kMaxTokensPerCall) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": shape must be [T][heads][head_dim] with 1 <= T <= ",
-                     kMaxTokensPerCall, ", got ",
-                     ShapeString({tensor.shape().begin(), tensor.shape().end()})));
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": shape must be [T][heads][head_dim] with 1 <= T <= ", kMaxTokensPerCall, ", got ",
+        ShapeString({tensor.shape().begin(), tensor.shape().end()})));
   }
   return static_cast<int>(tensor.shape(0));
 }
@@ -302,9 +302,8 @@ absl::Status HeadwiseService::CheckTierQuota(const Tenant& tenant, const Sequenc
     const uint64_t used = static_cast<uint64_t>(state.tier_bytes[t]);
     const uint64_t adding = t == static_cast<int>(entry.append_tier) ? bytes : 0;
     if (used + adding > quota[t]) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("tenant quota: ", kTierNames[t], " bytes would be ", used + adding,
-                       " > ", quota[t]));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "tenant quota: ", kTierNames[t], " bytes would be ", used + adding, " > ", quota[t]));
     }
   }
   return absl::OkStatus();
@@ -321,17 +320,17 @@ absl::StatusOr<HeadwiseService::Bytes> HeadwiseService::TensorBytes(
   }
   const std::vector<int64_t> got_shape(tensor.shape().begin(), tensor.shape().end());
   if (got_shape != shape) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": shape ", ShapeString(got_shape),
-                                                   " is not ", ShapeString(shape)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": shape ", ShapeString(got_shape), " is not ", ShapeString(shape)));
   }
   const uint64_t expected = static_cast<uint64_t>(Product(shape)) * DTypeSize(dtype);
   Bytes bytes;
   switch (tensor.payload_case()) {
     case Tensor::kData:
       if (tensor.data().size() != expected) {
-        return absl::InvalidArgumentError(absl::StrCat(what, ": payload has ",
-                                                       tensor.data().size(), " bytes, shape ",
-                                                       ShapeString(shape), " needs ", expected));
+        return absl::InvalidArgumentError(absl::StrCat(what, ": payload has ", tensor.data().size(),
+                                                       " bytes, shape ", ShapeString(shape),
+                                                       " needs ", expected));
       }
       bytes.span = absl::Span<const std::byte>(
           reinterpret_cast<const std::byte*>(tensor.data().data()), tensor.data().size());
@@ -405,8 +404,8 @@ absl::Status HeadwiseService::AppendLocked(SequenceEntry& entry, int layer, cons
   const uint32_t op = entry.next_op;
   RETURN_IF_ERROR(
       options_.durable_log->PutAppend(entry.handle, op, layer, num_tokens, k.span, v.span));
-  absl::Status status = engine_->Append(entry.engine_id, LayerId(layer), k.span, v.span,
-                                        num_tokens, entry.layout.dtype);
+  absl::Status status = engine_->Append(entry.engine_id, LayerId(layer), k.span, v.span, num_tokens,
+                                        entry.layout.dtype);
   if (!status.ok()) {
     absl::Status undo = options_.durable_log->DeleteOp(entry.handle, op);
     if (!undo.ok()) {
@@ -489,7 +488,7 @@ absl::Status HeadwiseService::DoCreateSequence(const Tenant& tenant,
     proto->set_num_q_heads(layout.num_q_heads);
     proto->set_num_kv_heads(layout.num_kv_heads);
     proto->set_head_dim(layout.head_dim);
-    proto->set_dtype(layout.dtype == DType::kF32   ? headwise::v1::DTYPE_F32
+    proto->set_dtype(layout.dtype == DType::kF32    ? headwise::v1::DTYPE_F32
                      : layout.dtype == DType::kBF16 ? headwise::v1::DTYPE_BF16
                                                     : headwise::v1::DTYPE_F16);
     proto->set_page_tokens(layout.page_tokens);
@@ -523,9 +522,9 @@ absl::Status HeadwiseService::DoFork(const Tenant& tenant, const headwise::v1::F
   absl::StatusOr<SequenceId> child;
   {
     absl::MutexLock lock(&parent->mu);
-    child = parent->released ? absl::NotFoundError(absl::StrCat("no sequence '",
-                                                                request.handle(), "'"))
-                             : engine_->Fork(parent->engine_id);
+    child = parent->released
+                ? absl::NotFoundError(absl::StrCat("no sequence '", request.handle(), "'"))
+                : engine_->Fork(parent->engine_id);
   }
   if (!child.ok()) {
     absl::MutexLock lock(&state.mu);
@@ -552,7 +551,8 @@ absl::Status HeadwiseService::DoAppend(const Tenant& tenant,
   ASSIGN_OR_RETURN(Bytes v, TensorBytes(tenant, request.v(), "v", layout.dtype, shape));
   RETURN_IF_ERROR(CheckTierQuota(tenant, *entry, k.span.size() + v.span.size()));
   absl::MutexLock lock(&entry->mu);
-  if (entry->released) return absl::NotFoundError(absl::StrCat("no sequence '", entry->handle, "'"));
+  if (entry->released)
+    return absl::NotFoundError(absl::StrCat("no sequence '", entry->handle, "'"));
   RETURN_IF_ERROR(AppendLocked(*entry, request.layer(), k, v, tokens));
   UpdateUsage(*entry);
   ASSIGN_OR_RETURN(SequenceStats stats, engine_->GetSequenceStats(entry->engine_id));
@@ -628,14 +628,13 @@ absl::Status HeadwiseService::DoPrefill(const Tenant& tenant,
     RETURN_IF_ERROR(status);
     UpdateUsage(*entry);
   }
-  return PutOutputs(tenant, request.output(), o, {tokens, layout.num_q_heads, layout.head_dim},
-                    lse, {tokens, layout.num_q_heads}, response->mutable_o(),
-                    response->mutable_lse());
+  return PutOutputs(tenant, request.output(), o, {tokens, layout.num_q_heads, layout.head_dim}, lse,
+                    {tokens, layout.num_q_heads}, response->mutable_o(), response->mutable_lse());
 }
 
 absl::Status HeadwiseService::DoDecodeStep(const Tenant& tenant, const std::string& handle,
-                                           int layer, const Tensor& q_tensor, const Tensor& k_tensor,
-                                           const Tensor& v_tensor,
+                                           int layer, const Tensor& q_tensor,
+                                           const Tensor& k_tensor, const Tensor& v_tensor,
                                            const headwise::v1::OutputPlacement& output,
                                            headwise::v1::DecodeStepResponse* response) {
   ASSIGN_OR_RETURN(auto entry, FindSequence(tenant, handle));
@@ -647,8 +646,7 @@ absl::Status HeadwiseService::DoDecodeStep(const Tenant& tenant, const std::stri
   ASSIGN_OR_RETURN(Bytes q_bytes, TensorBytes(tenant, q_tensor, "q", DType::kF32,
                                               {layout.num_q_heads, layout.head_dim}));
   const size_t o_size = static_cast<size_t>(layout.num_q_heads) * layout.head_dim;
-  RETURN_IF_ERROR(
-      CheckPlacement(tenant, output, (o_size + layout.num_q_heads) * sizeof(float)));
+  RETURN_IF_ERROR(CheckPlacement(tenant, output, (o_size + layout.num_q_heads) * sizeof(float)));
   RETURN_IF_ERROR(CheckTierQuota(tenant, *entry, k.span.size() + v.span.size()));
   const std::vector<float> q = CopyFloats(q_bytes.span);
   std::vector<float> o(o_size), lse(layout.num_q_heads);
@@ -672,11 +670,12 @@ absl::Status HeadwiseService::DoTruncate(const Tenant& tenant,
                                          const headwise::v1::TruncateRequest& request) {
   ASSIGN_OR_RETURN(auto entry, FindSequence(tenant, request.handle()));
   absl::MutexLock lock(&entry->mu);
-  if (entry->released) return absl::NotFoundError(absl::StrCat("no sequence '", entry->handle, "'"));
+  if (entry->released)
+    return absl::NotFoundError(absl::StrCat("no sequence '", entry->handle, "'"));
   ASSIGN_OR_RETURN(SequenceStats stats, engine_->GetSequenceStats(entry->engine_id));
   if (request.length() < 0 || request.length() > stats.length) {
-    return absl::InvalidArgumentError(absl::StrCat("truncate length ", request.length(),
-                                                   " is not in [0, ", stats.length, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("truncate length ", request.length(), " is not in [0, ", stats.length, "]"));
   }
   const uint32_t op = entry->next_op;
   if (entry->durable) {
@@ -768,10 +767,9 @@ absl::Status HeadwiseService::DoListSequences(const Tenant& tenant,
 absl::Status HeadwiseService::DoOpenStaging(const Tenant& tenant,
                                             const headwise::v1::OpenStagingRequest& request,
                                             headwise::v1::OpenStagingResponse* response) {
-  ASSIGN_OR_RETURN(auto region,
-                   options_.staging->Open(tenant.name, request.size(),
-                                          tenant.quota.max_staging_regions(),
-                                          tenant.quota.max_staging_bytes()));
+  ASSIGN_OR_RETURN(auto region, options_.staging->Open(tenant.name, request.size(),
+                                                       tenant.quota.max_staging_regions(),
+                                                       tenant.quota.max_staging_bytes()));
   response->set_region_id(region->id());
   response->set_shm_name(region->shm_name());
   response->set_size(region->size());
@@ -842,25 +840,25 @@ absl::StatusOr<int> HeadwiseService::Restore() {
       continue;
     }
     absl::StatusOr<ModelLayout> layout = LayoutFromProto(record.layout());
-    absl::Status status = layout.status();
-    const std::string engine_layout = EngineLayoutName(tenant->name, record.layout_name());
-    if (status.ok()) status = engine_->RegisterLayout(engine_layout, *layout);
-    absl::StatusOr<SequenceId> id = status;
-    if (status.ok()) id = engine_->CreateSequence(engine_layout, record.policy());
-    status = id.status();
-    absl::StatusOr<std::vector<DurableLog::Op>> ops = status;
-    if (status.ok()) ops = log->LoadOps(record.handle());
-    status = ops.status();
+    std::optional<SequenceId> id;
     int64_t tokens = 0;
     uint32_t next_op = 0;
-    if (status.ok()) {
+    size_t num_ops = 0;
+    auto replay = [&]() -> absl::Status {
+      RETURN_IF_ERROR(layout.status());
+      const std::string engine_layout = EngineLayoutName(tenant->name, record.layout_name());
+      RETURN_IF_ERROR(engine_->RegisterLayout(engine_layout, *layout));
+      ASSIGN_OR_RETURN(id, engine_->CreateSequence(engine_layout, record.policy()));
+      ASSIGN_OR_RETURN(std::vector<DurableLog::Op> ops, log->LoadOps(record.handle()));
+      num_ops = ops.size();
       std::vector<std::byte> k, v;
-      for (const DurableLog::Op& op : *ops) {
+      for (const DurableLog::Op& op : ops) {
+        absl::Status status;
         if (op.record.kind() == headwise::v1::DurableOpRecord::APPEND) {
           status = log->ReadAppend(record.handle(), op, &k, &v);
           if (status.ok()) {
-            status = engine_->Append(*id, LayerId(op.record.layer()), k, v,
-                                     op.record.num_tokens(), layout->dtype);
+            status = engine_->Append(*id, LayerId(op.record.layer()), k, v, op.record.num_tokens(),
+                                     layout->dtype);
           }
           tokens += op.record.num_tokens();
         } else if (op.record.kind() == headwise::v1::DurableOpRecord::TRUNCATE) {
@@ -869,15 +867,16 @@ absl::StatusOr<int> HeadwiseService::Restore() {
           status = absl::DataLossError("unknown op kind");
         }
         if (!status.ok()) {
-          status = absl::Status(status.code(), absl::StrCat("op ", op.index, ": ",
-                                                            std::string(status.message())));
-          break;
+          return absl::Status(status.code(),
+                              absl::StrCat("op ", op.index, ": ", std::string(status.message())));
         }
         next_op = op.index + 1;
       }
-    }
+      return absl::OkStatus();
+    };
+    absl::Status status = replay();
     if (!status.ok()) {
-      if (id.ok()) engine_->Release(*id).IgnoreError();
+      if (id.has_value()) engine_->Release(*id).IgnoreError();
       spdlog::error("restore: sequence {} of tenant '{}' not restored (kept on disk): {}",
                     record.handle(), tenant->name, std::string(status.message()));
       continue;
@@ -895,9 +894,8 @@ absl::StatusOr<int> HeadwiseService::Restore() {
       entry->next_op = next_op;
     }
     ++restored;
-    spdlog::info("restore: sequence {} tenant={} ops={} appended_tokens={} in {}",
-                 record.handle(), tenant->name, ops->size(), tokens,
-                 absl::FormatDuration(absl::Now() - start));
+    spdlog::info("restore: sequence {} tenant={} ops={} appended_tokens={} in {}", record.handle(),
+                 tenant->name, num_ops, tokens, absl::FormatDuration(absl::Now() - start));
   }
   return restored;
 }
@@ -1009,8 +1007,7 @@ grpc::ServerUnaryReactor* HeadwiseService::CloseStaging(
 grpc::ServerUnaryReactor* HeadwiseService::Stats(grpc::CallbackServerContext* ctx,
                                                  const headwise::v1::StatsRequest*,
                                                  headwise::v1::StatsResponse* response) {
-  return Dispatch("Stats", ctx,
-                  [this, response](const Tenant& t) { return DoStats(t, response); });
+  return Dispatch("Stats", ctx, [this, response](const Tenant& t) { return DoStats(t, response); });
 }
 
 grpc::ServerUnaryReactor* HeadwiseService::Health(grpc::CallbackServerContext* ctx,

@@ -162,8 +162,7 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   static constexpr int kNumShards = 16;
   struct Shard {
     mutable absl::Mutex mu;
-    absl::flat_hash_map<std::string, std::shared_ptr<SequenceEntry>> sequences
-        ABSL_GUARDED_BY(mu);
+    absl::flat_hash_map<std::string, std::shared_ptr<SequenceEntry>> sequences ABSL_GUARDED_BY(mu);
   };
 
   // A request's input bytes: a view of inline or staged bytes, and what keeps them alive.
@@ -198,8 +197,8 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
                           const std::vector<float>& lse, std::vector<int64_t> lse_shape,
                           headwise::v1::Tensor* o_out, headwise::v1::Tensor* lse_out);
   // INVALID_ARGUMENT when the placement names a region that cannot hold `bytes` at its offset.
-  absl::Status CheckPlacement(const Tenant& tenant,
-                              const headwise::v1::OutputPlacement& placement, uint64_t bytes);
+  absl::Status CheckPlacement(const Tenant& tenant, const headwise::v1::OutputPlacement& placement,
+                              uint64_t bytes);
 
   // RESOURCE_EXHAUSTED when adding `bytes` to the entry's append tier would pass a quota.
   absl::Status CheckTierQuota(const Tenant& tenant, const SequenceEntry& entry, uint64_t bytes);

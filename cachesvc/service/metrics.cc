@@ -47,8 +47,8 @@ void ServiceMetrics::Render(std::string* out) const {
       absl::StrAppend(out, "headwise_request_seconds_bucket{rpc=\"", rpc, "\",le=\"",
                       absl::StrFormat("%g", kLatencyBuckets[i]), "\"} ", cumulative, "\n");
     }
-    absl::StrAppend(out, "headwise_request_seconds_bucket{rpc=\"", rpc, "\",le=\"+Inf\"} ",
-                    h.count, "\n");
+    absl::StrAppend(out, "headwise_request_seconds_bucket{rpc=\"", rpc, "\",le=\"+Inf\"} ", h.count,
+                    "\n");
     absl::StrAppend(out, "headwise_request_seconds_sum{rpc=\"", rpc, "\"} ",
                     absl::StrFormat("%.9g", h.sum), "\n");
     absl::StrAppend(out, "headwise_request_seconds_count{rpc=\"", rpc, "\"} ", h.count, "\n");

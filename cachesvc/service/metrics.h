@@ -29,8 +29,7 @@ class ServiceMetrics {
  public:
   // Upper bounds (seconds) of the request latency histogram buckets; +Inf is implied.
   static constexpr std::array<double, 14> kLatencyBuckets = {
-      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-      0.025,  0.05,    0.1,    0.25,  0.5,    1.0,   5.0};
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0};
 
   // Counts one finished request of `rpc` with gRPC status `code` (e.g. "OK", "NOT_FOUND") and
   // its latency. Thread-safe.

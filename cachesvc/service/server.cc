@@ -31,15 +31,17 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// Creates `path` and any missing parents, each new one with mode 0700 (existing ones are left
+// as they are).
 absl::Status MakePrivateDirectory(const std::string& path) {
-  std::error_code error;
-  if (fs::exists(path, error)) return absl::OkStatus();
-  fs::create_directories(path, error);
-  if (error) {
-    return absl::InternalError(absl::StrCat("cannot create directory ", path, ": ",
-                                            error.message()));
+  fs::path partial;
+  for (const fs::path& part : fs::path(path)) {
+    partial /= part;
+    if (mkdir(partial.c_str(), 0700) != 0 && errno != EEXIST) {
+      return absl::InternalError(
+          absl::StrCat("cannot create directory ", partial.string(), ": ", std::strerror(errno)));
+    }
   }
-  fs::permissions(path, fs::perms::owner_all, fs::perm_options::replace, error);
   return absl::OkStatus();
 }
 
@@ -175,16 +177,16 @@ absl::Status HeadwiseServer::StartImpl(const headwise::v1::DaemonConfig& config)
   if (!config.metrics_address().empty()) {
     int port = 0;
     RETURN_IF_ERROR(SplitHostPort(config.metrics_address(), &metrics_host_, &port));
-    ASSIGN_OR_RETURN(http_, MetricsHttpServer::Start(metrics_host_, port,
-                                                     [this] { return RenderMetrics(); }));
+    ASSIGN_OR_RETURN(
+        http_, MetricsHttpServer::Start(metrics_host_, port, [this] { return RenderMetrics(); }));
   }
   spdlog::info(
       "headwised started: version={} unix={} tcp={} tls={} metrics={} data_dir={} tenants={} "
       "restored_sequences={}",
       HEADWISE_VERSION, unix_socket_.empty() ? "-" : unix_socket_,
-      config.tcp_address().empty() ? "-" : absl::StrCat(config.tcp_address(), " (port ", tcp_port_, ")"),
-      config.tls().cert_path().empty() ? "off" : "on",
-      metrics_url().empty() ? "-" : metrics_url(),
+      config.tcp_address().empty() ? "-"
+                                   : absl::StrCat(config.tcp_address(), " (port ", tcp_port_, ")"),
+      config.tls().cert_path().empty() ? "off" : "on", metrics_url().empty() ? "-" : metrics_url(),
       config.data_dir().empty() ? "-" : config.data_dir(), config.tenants_size(), restored_);
   return absl::OkStatus();
 }
@@ -215,17 +217,14 @@ std::string HeadwiseServer::RenderMetrics() const {
                   "# TYPE headwise_tier_budget_bytes gauge\n",
                   "headwise_tier_budget_bytes{tier=\"device\"} ", stats.device.budget_bytes, "\n",
                   "headwise_tier_budget_bytes{tier=\"host\"} ", stats.host.budget_bytes, "\n");
-  absl::StrAppend(&out,
-                  "# HELP headwise_bytes_moved_total Bytes moved between tiers, by direction.\n"
-                  "# TYPE headwise_bytes_moved_total counter\n",
-                  "headwise_bytes_moved_total{direction=\"host_to_device\"} ",
-                  stats.bytes_host_to_device, "\n",
-                  "headwise_bytes_moved_total{direction=\"device_to_host\"} ",
-                  stats.bytes_device_to_host, "\n",
-                  "headwise_bytes_moved_total{direction=\"host_to_disk\"} ",
-                  stats.bytes_host_to_disk, "\n",
-                  "headwise_bytes_moved_total{direction=\"disk_to_host\"} ",
-                  stats.bytes_disk_to_host, "\n");
+  absl::StrAppend(
+      &out,
+      "# HELP headwise_bytes_moved_total Bytes moved between tiers, by direction.\n"
+      "# TYPE headwise_bytes_moved_total counter\n",
+      "headwise_bytes_moved_total{direction=\"host_to_device\"} ", stats.bytes_host_to_device, "\n",
+      "headwise_bytes_moved_total{direction=\"device_to_host\"} ", stats.bytes_device_to_host, "\n",
+      "headwise_bytes_moved_total{direction=\"host_to_disk\"} ", stats.bytes_host_to_disk, "\n",
+      "headwise_bytes_moved_total{direction=\"disk_to_host\"} ", stats.bytes_disk_to_host, "\n");
   absl::StrAppend(&out,
                   "# HELP headwise_evicted_pages_total Pages dropped by eviction policies.\n"
                   "# TYPE headwise_evicted_pages_total counter\n",

@@ -31,8 +31,7 @@ StagingRegion::StagingRegion(std::string id, std::string shm_name, std::string t
 
 StagingRegion::~StagingRegion() { munmap(base_, size_); }
 
-absl::StatusOr<absl::Span<std::byte>> StagingRegion::Range(uint64_t offset,
-                                                           uint64_t length) const {
+absl::StatusOr<absl::Span<std::byte>> StagingRegion::Range(uint64_t offset, uint64_t length) const {
   if (offset > size_ || length > size_ - offset) {
     return absl::InvalidArgumentError(absl::StrCat("staged range [", offset, ", +", length,
                                                    ") is outside region ", id_, " of ", size_,
@@ -41,8 +40,7 @@ absl::StatusOr<absl::Span<std::byte>> StagingRegion::Range(uint64_t offset,
   return absl::Span<std::byte>(base_ + offset, length);
 }
 
-StagingRegistry::StagingRegistry(uint64_t max_region_bytes)
-    : max_region_bytes_(max_region_bytes) {}
+StagingRegistry::StagingRegistry(uint64_t max_region_bytes) : max_region_bytes_(max_region_bytes) {}
 
 StagingRegistry::~StagingRegistry() { CloseAll(); }
 
@@ -51,8 +49,8 @@ absl::StatusOr<std::shared_ptr<StagingRegion>> StagingRegistry::Open(const std::
                                                                      uint64_t max_regions,
                                                                      uint64_t max_bytes) {
   if (size == 0 || size > max_region_bytes_) {
-    return absl::InvalidArgumentError(absl::StrCat("staging size ", size, " is not in [1, ",
-                                                   max_region_bytes_, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("staging size ", size, " is not in [1, ", max_region_bytes_, "]"));
   }
   absl::MutexLock lock(&mu_);
   uint64_t count = 0, bytes = 0;

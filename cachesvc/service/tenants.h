@@ -20,8 +20,8 @@ struct Tenant {
 // Immutable after construction; thread-safe.
 class TenantRegistry {
  public:
-  explicit TenantRegistry(const google::protobuf::RepeatedPtrField<headwise::v1::TenantConfig>&
-                              tenants);
+  explicit TenantRegistry(
+      const google::protobuf::RepeatedPtrField<headwise::v1::TenantConfig>& tenants);
 
   // The tenant whose token matches the value of an `authorization` metadata entry
   // ("Bearer <token>"; the scheme is case-insensitive). UNAUTHENTICATED when `header` is empty,
