@@ -622,5 +622,60 @@ TEST_F(ServiceTest, TierQuotaIsResourceExhaustedAndChangesNothing) {
   EXPECT_EQ(info.layer_lengths(0), 16);
 }
 
+TEST_F(ServiceTest, TcpListenerOnLoopback) {
+  config_.set_tcp_address("127.0.0.1:0");
+  StartServer();
+  ASSERT_GT(server_->tcp_port(), 0);
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server_->tcp_port()),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = headwise::v1::Headwise::NewStub(channel);
+  headwise::v1::HealthResponse health;
+  grpc::Status status = stub->Health(Ctx().get(), headwise::v1::HealthRequest(), &health);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(health.status(), "SERVING");
+}
+
+TEST_F(ServiceTest, DecodeStreamErrorsEndTheStreamWithTheirCode) {
+  StartServer();
+  RegisterLayout();
+  auto step = [](const std::string& handle) {
+    headwise::v1::StreamStepRequest request;
+    request.set_handle(handle);
+    *request.mutable_q() = F32Tensor(RandomValues(64, 1), {4, 16});
+    *request.mutable_k() = F32Tensor(RandomValues(kTokenFloats, 2), {1, 2, 16});
+    *request.mutable_v() = F32Tensor(RandomValues(kTokenFloats, 3), {1, 2, 16});
+    return request;
+  };
+  {  // Unknown handle.
+    auto ctx = Ctx();
+    auto stream = stub_->DecodeStream(ctx.get());
+    stream->Write(step("0123456789abcdef0123456789abcdef"));
+    headwise::v1::DecodeStepResponse response;
+    EXPECT_FALSE(stream->Read(&response));
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {  // No token.
+    auto ctx = Ctx("");
+    auto stream = stub_->DecodeStream(ctx.get());
+    stream->Write(step(CreateSequence()));
+    headwise::v1::DecodeStepResponse response;
+    EXPECT_FALSE(stream->Read(&response));
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  {  // A bad shape after a good step.
+    auto ctx = Ctx();
+    auto stream = stub_->DecodeStream(ctx.get());
+    ASSERT_TRUE(stream->Write(step(CreateSequence())));
+    headwise::v1::DecodeStepResponse response;
+    ASSERT_TRUE(stream->Read(&response));
+    auto bad = step("");
+    bad.set_layer(1);
+    *bad.mutable_k() = F32Tensor(RandomValues(2 * kTokenFloats, 4), {2, 2, 16});
+    stream->Write(bad);
+    EXPECT_FALSE(stream->Read(&response));
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+}
+
 }  // namespace
 }  // namespace headwise::testing
