@@ -50,14 +50,17 @@ def main() -> int:
     parser.add_argument("--target", default="unix://./var/headwised.sock")
     parser.add_argument("--token", default=None, help="default: $HEADWISE_TOKEN or dev-token")
     parser.add_argument("--tokens", type=int, default=300, help="cached tokens per layer")
+    parser.add_argument("--page-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
     layers, q_heads, kv_heads, head_dim = 2, 8, 2, 64
     with headwise.Client(args.target, token=args.token) as client:
+        # All layouts of one daemon share one page size (page_tokens * head_dim * 4 bytes * 2
+        # for K and V): 16 f32 tokens of 64 elements is 8 KiB.
         layout = client.register_layout("numpy-attention-example", layers, q_heads, kv_heads,
-                                        head_dim, dtype="f32", page_tokens=64)
+                                        head_dim, dtype="f32", page_tokens=args.page_tokens)
         seq = client.create_sequence("numpy-attention-example")
         try:
             # Random K/V, never all zeros; every layer appends the same number of tokens per step.
