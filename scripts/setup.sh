@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the build needs (Debian packages, idempotently), then configures and builds.
+# Installs what the build needs (Debian packages and the Python venv .venv, idempotently), then
+# configures and builds.
 #
 #   scripts/setup.sh                 # Release-with-debug-info build in build/
 #   scripts/setup.sh --asan          # ASan+UBSan build in build-asan/
@@ -42,6 +43,39 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
     "${missing[@]}"
+fi
+
+# The project venv for the Python client (clients/python): python3 on PATH is its own install,
+# so Debian's python3-* packages are invisible to it; pinned PyPI packages go into .venv. The
+# CMake target headwise_python_stubs and the ctest python_client use .venv/bin/python.
+requirements=clients/python/requirements.txt
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+# Skip pip when every pinned `name==version` is already installed (fast re-runs).
+if ! .venv/bin/python - "$requirements" <<'EOF'
+import sys
+from importlib import metadata
+for line in open(sys.argv[1]):
+    line = line.split("#", 1)[0].strip()
+    if not line:
+        continue
+    name, version = line.split("==")
+    try:
+        if metadata.version(name) != version:
+            sys.exit(1)
+    except metadata.PackageNotFoundError:
+        sys.exit(1)
+EOF
+then
+  echo "setup: installing $requirements into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -r "$requirements"
+fi
+if ! .venv/bin/python -c 'import importlib.metadata as m; m.version("headwise")' 2>/dev/null; then
+  echo "setup: installing clients/python (editable) into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+    -e clients/python
 fi
 
 [ "$do_build" -eq 1 ] || exit 0
