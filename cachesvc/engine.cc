@@ -46,7 +46,7 @@ struct Engine::HeadTable {
 };
 
 struct Engine::Sequence {
-  absl::Mutex mu;
+  Mutex mu;
   SequenceId id;
   std::shared_ptr<const LayoutEntry> layout_entry;
   headwise::v1::PolicySpec spec;
@@ -81,7 +81,7 @@ struct Engine::Staging {
   // The first failure reported by a move callback; shared with the callbacks, so a Staging may
   // be moved while its copies run.
   struct CopyState {
-    absl::Mutex mu;
+    Mutex mu;
     absl::Status status ABSL_GUARDED_BY(mu);
   };
   std::shared_ptr<CopyState> copy_state = std::make_shared<CopyState>();
@@ -108,11 +108,11 @@ Engine::~Engine() {
   for (Shard& shard : shards_) {
     absl::flat_hash_map<SequenceId, std::shared_ptr<Sequence>> sequences;
     {
-      absl::MutexLock lock(&shard.mu);
+      MutexLock lock(&shard.mu);
       sequences.swap(shard.sequences);
     }
     for (auto& [id, s] : sequences) {
-      absl::MutexLock lock(&s->mu);
+      MutexLock lock(&s->mu);
       ReleaseAllPages(*s);
       s->released = true;
     }
@@ -138,7 +138,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 absl::Status Engine::RegisterLayout(const std::string& name, const ModelLayout& layout) {
   if (name.empty()) return absl::InvalidArgumentError("layout name is empty");
   RETURN_IF_ERROR(ValidateLayout(layout));
-  absl::MutexLock lock(&layouts_mu_);
+  MutexLock lock(&layouts_mu_);
   if (auto it = layouts_.find(name); it != layouts_.end()) {
     const ModelLayout& old = it->second->layout;
     if (old.num_layers == layout.num_layers && old.num_q_heads == layout.num_q_heads &&
@@ -195,7 +195,7 @@ absl::Status Engine::RegisterLayout(const std::string& name, const ModelLayout& 
 }
 
 int64_t Engine::page_bytes() const {
-  absl::MutexLock lock(&layouts_mu_);
+  MutexLock lock(&layouts_mu_);
   return page_bytes_;
 }
 
@@ -213,7 +213,7 @@ PagePool* Engine::Pool(Tier tier) const {
 
 absl::StatusOr<std::shared_ptr<Engine::Sequence>> Engine::Find(const SequenceId& id) {
   Shard& shard = ShardFor(id);
-  absl::MutexLock lock(&shard.mu);
+  MutexLock lock(&shard.mu);
   auto it = shard.sequences.find(id);
   if (it == shard.sequences.end()) {
     return absl::NotFoundError(absl::StrCat("no sequence ", id.ToHex()));
@@ -230,11 +230,11 @@ absl::StatusOr<SequenceId> Engine::Insert(std::shared_ptr<Sequence> s) {
   while (true) {
     SequenceId id;
     {
-      absl::MutexLock lock(&bitgen_mu_);
+      MutexLock lock(&bitgen_mu_);
       id = SequenceId::Random(bitgen_);
     }
     Shard& shard = ShardFor(id);
-    absl::MutexLock lock(&shard.mu);
+    MutexLock lock(&shard.mu);
     if (shard.sequences.contains(id)) continue;
     s->id = id;
     shard.sequences.emplace(id, std::move(s));
@@ -247,7 +247,7 @@ absl::StatusOr<SequenceId> Engine::CreateSequence(const std::string& layout_name
                                                   const headwise::v1::PolicySpec& spec) {
   std::shared_ptr<const LayoutEntry> entry;
   {
-    absl::MutexLock lock(&layouts_mu_);
+    MutexLock lock(&layouts_mu_);
     auto it = layouts_.find(layout_name);
     if (it == layouts_.end()) {
       return absl::NotFoundError(absl::StrCat("no layout named '", layout_name, "'"));
@@ -260,7 +260,7 @@ absl::StatusOr<SequenceId> Engine::CreateSequence(const std::string& layout_name
   ASSIGN_OR_RETURN(s->placement, ResolvePlacement(spec));
   ASSIGN_OR_RETURN(s->roles, ResolveHeadRoles(spec.head_roles(), entry->layout));
   {
-    absl::MutexLock lock(&s->mu);
+    MutexLock lock(&s->mu);
     ASSIGN_OR_RETURN(s->eviction, CreateEvictionPolicy(spec));
     s->layer_len.assign(entry->layout.num_layers, 0);
     s->heads.resize(static_cast<size_t>(entry->layout.num_layers) * entry->layout.num_kv_heads);
@@ -273,7 +273,7 @@ absl::Status Engine::Release(const SequenceId& id) {
   std::shared_ptr<Sequence> s;
   {
     Shard& shard = ShardFor(id);
-    absl::MutexLock lock(&shard.mu);
+    MutexLock lock(&shard.mu);
     auto it = shard.sequences.find(id);
     if (it == shard.sequences.end()) {
       return absl::NotFoundError(absl::StrCat("no sequence ", id.ToHex()));
@@ -282,7 +282,7 @@ absl::Status Engine::Release(const SequenceId& id) {
     shard.sequences.erase(it);
   }
   num_sequences_.fetch_sub(1, std::memory_order_relaxed);
-  absl::MutexLock lock(&s->mu);
+  MutexLock lock(&s->mu);
   ReleaseAllPages(*s);
   s->released = true;
   return absl::OkStatus();
@@ -412,7 +412,7 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_beg
   };
   std::vector<Pending> pending;
   auto failure = std::make_shared<absl::Status>();
-  auto failure_mu = std::make_shared<absl::Mutex>();
+  auto failure_mu = std::make_shared<Mutex>();
   for (int64_t v : victims) {
     const auto [ti, pi] = where[v];
     HeadTable& t = s.heads[ti];
@@ -425,7 +425,7 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_beg
     move.src_slot = t.phys[pi]->slot;
     move.disk_key = key;
     move.done = [failure, failure_mu](absl::Status st) {
-      absl::MutexLock lock(failure_mu.get());
+      MutexLock lock(failure_mu.get());
       if (failure->ok()) *failure = std::move(st);
     };
     ASSIGN_OR_RETURN(CopyTicket ticket, copier_->Submit(std::move(move)));
@@ -433,7 +433,7 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_beg
   }
   for (const Pending& p : pending) RETURN_IF_ERROR(copier_->Wait(p.ticket));
   {
-    absl::MutexLock lock(failure_mu.get());
+    MutexLock lock(failure_mu.get());
     RETURN_IF_ERROR(*failure);
   }
   for (const Pending& p : pending) {
@@ -489,9 +489,11 @@ absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
 // Staging on the device.
 
 // Pages of heads [protect_from_head, h_end) of `layer` are never spilled meanwhile: they are the
-// sources of copies still in flight and the pages being staged.
+// sources of copies still in flight and the pages being staged. Only pages [page_begin, page_end)
+// of each head are staged; a range that stops before a head's last page ends with a full page.
 absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
-                           int protect_from_head, Staging& out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                           int protect_from_head, Staging& out, size_t page_begin,
+                           size_t page_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   out = Staging();
   out.h_begin = h_begin;
   out.h_end = h_end;
@@ -499,23 +501,32 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
   out.indices.reserve(1);  // The kernels want non-null arrays even for an empty layer.
   const bool copy = s.placement.mode != PlacementMode::kDeviceOnly;
   int64_t total = 0;
+  const auto range = [&](const HeadTable& t) {
+    const size_t end = std::min(page_end, t.phys.size());
+    return std::make_pair(std::min(page_begin, end), end);
+  };
   for (int h = h_begin; h < h_end; ++h) {
     HeadTable& t = s.table(layer, h);
+    const auto [first, end] = range(t);
     if (copy) {
-      for (size_t i = 0; i < t.phys.size(); ++i) {
+      for (size_t i = first; i < end; ++i) {
         const size_t base = static_cast<size_t>(layer) * s.layout().num_kv_heads;
         RETURN_IF_ERROR(EnsureInMemory(s, t, i, base + protect_from_head, base + h_end));
       }
     }
-    total += static_cast<int64_t>(t.phys.size());
+    total += static_cast<int64_t>(end - first);
     out.indptr.push_back(static_cast<int32_t>(total));
-    out.last_page_len.push_back(t.meta.empty() ? 0 : t.meta.back().token_count);
-    for (PageMeta& m : t.meta) m.last_touched_step = s.step;
+    out.last_page_len.push_back(end == first           ? 0
+                                : end == t.meta.size() ? t.meta[end - 1].token_count
+                                                       : s.layout().page_tokens);
+    for (size_t i = first; i < end; ++i) t.meta[i].last_touched_step = s.step;
   }
   if (!copy) {
     for (int h = h_begin; h < h_end; ++h) {
-      for (PhysPage* p : s.table(layer, h).phys)
-        out.indices.push_back(static_cast<int32_t>(p->slot));
+      const HeadTable& t = s.table(layer, h);
+      const auto [first, end] = range(t);
+      for (size_t i = first; i < end; ++i)
+        out.indices.push_back(static_cast<int32_t>(t.phys[i]->slot));
     }
     out.active = true;
     return absl::OkStatus();
@@ -547,7 +558,10 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
   std::shared_ptr<Staging::CopyState> state = out.copy_state;
   size_t d = 0;
   for (int h = h_begin; h < h_end; ++h) {
-    for (PhysPage* p : s.table(layer, h).phys) {
+    const HeadTable& t = s.table(layer, h);
+    const auto [first, end] = range(t);
+    for (size_t i = first; i < end; ++i) {
+      const PhysPage* p = t.phys[i];
       MoveRequest move;
       move.direction = CopyDirection::kHostToDevice;
       move.priority = priority;
@@ -556,7 +570,7 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
       out.indices.push_back(static_cast<int32_t>(dst[d]));
       ++d;
       move.done = [state](absl::Status st) {
-        absl::MutexLock lock(&state->mu);
+        MutexLock lock(&state->mu);
         if (state->status.ok()) state->status = std::move(st);
       };
       absl::StatusOr<CopyTicket> ticket = copier_->Submit(std::move(move));
@@ -573,7 +587,7 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
 absl::Status Engine::WaitStaged(Staging& staging) {
   for (CopyTicket t : staging.tickets) RETURN_IF_ERROR(copier_->Wait(t));
   staging.tickets.clear();
-  absl::MutexLock lock(&staging.copy_state->mu);
+  MutexLock lock(&staging.copy_state->mu);
   return staging.copy_state->status;
 }
 
@@ -618,14 +632,14 @@ absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_byte
   const int64_t len = s.layer_len[layer];
   if (lo != hi) {
     if (len != lo) {
-      return absl::InvalidArgumentError(absl::StrCat(
+      return absl::FailedPreconditionError(absl::StrCat(
           "layer ", layer, " is at length ", len, ", ahead of the step in progress: every layer ",
           "must reach ", hi, " before any layer goes past it"));
     }
     if (len + num_tokens != hi) {
-      return absl::InvalidArgumentError(absl::StrCat("the step in progress goes to length ", hi,
-                                                     "; layer ", layer, " must append exactly ",
-                                                     hi - len, " tokens, got ", num_tokens));
+      return absl::FailedPreconditionError(absl::StrCat("the step in progress goes to length ", hi,
+                                                        "; layer ", layer, " must append exactly ",
+                                                        hi - len, " tokens, got ", num_tokens));
     }
   }
   if (len + num_tokens > std::numeric_limits<int32_t>::max()) {
@@ -761,7 +775,7 @@ absl::Status Engine::ApplyEviction(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY
 absl::Status Engine::Append(const SequenceId& seq, LayerId layer, absl::Span<const std::byte> k,
                             absl::Span<const std::byte> v, int num_tokens, DType dtype) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
-  absl::MutexLock lock(&s->mu);
+  MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));
   RETURN_IF_ERROR(ValidateAppend(*s, layer.value(), static_cast<int64_t>(k.size()),
                                  static_cast<int64_t>(v.size()), num_tokens, dtype));
@@ -818,32 +832,81 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
     Unstage(staged);
     return st;
   }
-  // HeadInfer: head h computes while heads h+1 .. h+ahead are being copied in.
+  // HeadInfer: the layer is attended in parts, part i computing while parts i+1 .. i+ahead are
+  // being copied in. A part is one head, or, for a head longer than a device share of
+  // capacity / (1 + ahead) slots, one of the consecutive page ranges it is cut into; the parts
+  // of such a head are merged exactly (MergeAttentionStates).
   const int ahead = s.placement.heads_ahead();
-  std::vector<Staging> staged(H);
+  const size_t share = std::max<size_t>(1, device_->num_slots() / (1 + static_cast<size_t>(ahead)));
+  struct Part {
+    int head;
+    size_t page_begin;
+    size_t page_end;
+  };
+  std::vector<Part> parts;
+  for (int h = 0; h < H; ++h) {
+    const size_t n = s.table(layer, h).phys.size();
+    const size_t cuts = std::max<size_t>(1, (n + share - 1) / share);
+    for (size_t c = 0; c < cuts; ++c) parts.push_back(Part{h, n * c / cuts, n * (c + 1) / cuts});
+  }
+  std::vector<Staging> staged(parts.size());
+  std::vector<float> part_o, part_lse;  // [parts of the current head][g][D] / [g].
   absl::Status st;
-  for (int h = 0; h < H && st.ok(); ++h) {
-    if (!staged[h].active) {
-      st = Stage(s, layer, h, h + 1, CopyPriority::kDemandFetch, h, staged[h]);
+  for (size_t i = 0; i < parts.size() && st.ok(); ++i) {
+    const Part& p = parts[i];
+    if (!staged[i].active) {
+      st = Stage(s, layer, p.head, p.head + 1, CopyPriority::kDemandFetch, p.head, staged[i],
+                 p.page_begin, p.page_end);
       if (!st.ok()) break;
     }
     // Best effort: a prefetch that does not fit (or fails) is staged on demand later.
-    for (int j = h + 1; j <= std::min(H - 1, h + ahead); ++j) {
+    for (size_t j = i + 1; j < parts.size() && j <= i + ahead; ++j) {
       if (staged[j].active) continue;
-      if (!Stage(s, layer, j, j + 1, CopyPriority::kPrefetch, h, staged[j]).ok()) break;
+      if (!Stage(s, layer, parts[j].head, parts[j].head + 1, CopyPriority::kPrefetch, p.head,
+                 staged[j], parts[j].page_begin, parts[j].page_end)
+               .ok()) {
+        break;
+      }
     }
-    st = WaitStaged(staged[h]);
+    st = WaitStaged(staged[i]);
     if (!st.ok()) break;
+    const bool first = i == 0 || parts[i - 1].head != p.head;
+    const bool last = i + 1 == parts.size() || parts[i + 1].head != p.head;
+    if (first) {
+      part_o.clear();
+      part_lse.clear();
+    }
+    float* head_o = o + int64_t{p.head} * g * D;
+    float* head_lse = lse == nullptr ? nullptr : lse + int64_t{p.head} * g;
+    if (!(first && last)) {
+      part_o.resize(part_o.size() + static_cast<size_t>(g) * D);
+      part_lse.resize(part_lse.size() + g);
+      head_o = part_o.data() + part_o.size() - static_cast<size_t>(g) * D;
+      head_lse = part_lse.data() + part_lse.size() - g;
+    }
     kernels::DecodeArgs args;
-    args.q = q + int64_t{h} * g * D;
+    args.q = q + int64_t{p.head} * g * D;
     args.num_q_heads = g;
-    args.o = o + int64_t{h} * g * D;
-    args.lse = lse == nullptr ? nullptr : lse + int64_t{h} * g;
+    args.o = head_o;
+    args.lse = head_lse;
     args.num_threads = options_.compute_threads;
     st = kernels::DecodeAttention(
-        ViewOf(*device_, layout, staged[h].indptr, staged[h].indices, staged[h].last_page_len, 1),
+        ViewOf(*device_, layout, staged[i].indptr, staged[i].indices, staged[i].last_page_len, 1),
         args);
-    Unstage(staged[h]);
+    Unstage(staged[i]);
+    if (st.ok() && last && !first) {
+      const int n = static_cast<int>(part_lse.size() / g);
+      std::vector<const float*> op(n), lp(n);
+      for (int k = 0; k < n; ++k) {
+        op[k] = part_o.data() + int64_t{k} * g * D;
+        lp[k] = part_lse.data() + int64_t{k} * g;
+      }
+      std::vector<float> merged_lse(g);
+      st = kernels::MergeAttentionStates(op.data(), lp.data(), n, g, D, o + int64_t{p.head} * g * D,
+                                         merged_lse.data());
+      if (st.ok() && lse != nullptr)
+        std::copy(merged_lse.begin(), merged_lse.end(), lse + p.head * g);
+    }
   }
   for (Staging& x : staged) Unstage(x);
   return st;
@@ -852,7 +915,7 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
 absl::Status Engine::Attend(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
                             absl::Span<float> o, absl::Span<float> lse) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
-  absl::MutexLock lock(&s->mu);
+  MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));
   const ModelLayout& layout = s->layout();
   if (layer.value() < 0 || layer.value() >= layout.num_layers) {
@@ -958,7 +1021,7 @@ absl::Status Engine::Prefill(const SequenceId& seq, LayerId layer, absl::Span<co
                              int num_tokens, DType dtype, absl::Span<float> o,
                              absl::Span<float> lse) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
-  absl::MutexLock lock(&s->mu);
+  MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));
   RETURN_IF_ERROR(ValidateAppend(*s, layer.value(), static_cast<int64_t>(k.size()),
                                  static_cast<int64_t>(v.size()), num_tokens, dtype));
@@ -981,13 +1044,13 @@ absl::StatusOr<SequenceId> Engine::Fork(const SequenceId& seq) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> parent, Find(seq));
   auto child = std::make_shared<Sequence>();
   {
-    absl::MutexLock lock(&parent->mu);
+    MutexLock lock(&parent->mu);
     RETURN_IF_ERROR(CheckLive(*parent));
     child->layout_entry = parent->layout_entry;
     child->spec = parent->spec;
     child->placement = parent->placement;
     child->roles = parent->roles;
-    absl::MutexLock child_lock(&child->mu);
+    MutexLock child_lock(&child->mu);
     ASSIGN_OR_RETURN(child->eviction, CreateEvictionPolicy(parent->spec));
     child->layer_len = parent->layer_len;
     child->step = parent->step;
@@ -1006,7 +1069,7 @@ absl::StatusOr<SequenceId> Engine::Fork(const SequenceId& seq) {
 
 absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
-  absl::MutexLock lock(&s->mu);
+  MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));
   const int64_t length = s->length();
   if (new_length < 0 || new_length > length) {
@@ -1038,7 +1101,7 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
 
 absl::StatusOr<SequenceStats> Engine::GetSequenceStats(const SequenceId& seq) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
-  absl::MutexLock lock(&s->mu);
+  MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));
   SequenceStats out;
   out.length = s->length();

@@ -23,9 +23,10 @@
 // Fork shares every page copy-on-write (refcounts); the first write into a shared partial tail
 // page copies it.
 //
-// Errors: INVALID_ARGUMENT for bad arguments (sizes, dtype, layer, the append rule),
-// NOT_FOUND for an unknown or released sequence or layout, RESOURCE_EXHAUSTED when a tier is
-// full, FAILED_PRECONDITION for a layout whose page size differs from the engine's.
+// Errors: INVALID_ARGUMENT for bad arguments (sizes, dtype, layer), NOT_FOUND for an unknown
+// or released sequence or layout, RESOURCE_EXHAUSTED when a tier is full, FAILED_PRECONDITION
+// for an append that breaks the append rule or a layout whose page size differs from the
+// engine's.
 //
 // Thread-safety: every method may be called from any thread. Calls on different sequences run
 // concurrently; calls on one sequence are serialized by its lock.
@@ -45,11 +46,11 @@
 #include "absl/random/random.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "cachesvc/base/clock.h"
 #include "cachesvc/base/ids.h"
 #include "cachesvc/base/layout.h"
+#include "cachesvc/base/mutex.h"
 #include "headwise/v1/policy.pb.h"
 #include "offload/copy_engine.h"
 #include "offload/device_pool.h"
@@ -202,7 +203,7 @@ class Engine {
   };
   static constexpr int kNumShards = 16;
   struct Shard {
-    absl::Mutex mu;
+    Mutex mu;
     absl::flat_hash_map<SequenceId, std::shared_ptr<Sequence>> sequences ABSL_GUARDED_BY(mu);
   };
 
@@ -226,9 +227,11 @@ class Engine {
                               size_t protect_end);
   void FreeSlot(Tier tier, uint64_t slot);
 
-  // Staging of heads [h_begin, h_end) of `layer` on the device; see engine.cc.
+  // Staging of heads [h_begin, h_end) of `layer` on the device, pages [page_begin, page_end) of
+  // each (clamped to the head's pages); see engine.cc.
   absl::Status Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
-                     int protect_from_head, Staging& out);
+                     int protect_from_head, Staging& out, size_t page_begin = 0,
+                     size_t page_end = SIZE_MAX);
   absl::Status WaitStaged(Staging& staging);
   void Unstage(Staging& staging);
 
@@ -245,7 +248,7 @@ class Engine {
   Clock* const clock_;
   std::unique_ptr<DiskStore> disk_;
 
-  mutable absl::Mutex layouts_mu_;
+  mutable Mutex layouts_mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<const LayoutEntry>> layouts_
       ABSL_GUARDED_BY(layouts_mu_);
   // Created with the first layout; immutable afterwards (published under layouts_mu_, read
@@ -257,7 +260,7 @@ class Engine {
   int64_t page_bytes_ ABSL_GUARDED_BY(layouts_mu_) = 0;
 
   std::array<Shard, kNumShards> shards_;
-  absl::Mutex bitgen_mu_;
+  Mutex bitgen_mu_;
   absl::BitGen bitgen_ ABSL_GUARDED_BY(bitgen_mu_);
 
   std::atomic<int64_t> live_pages_[3] = {0, 0, 0};

@@ -157,7 +157,7 @@ absl::StatusOr<CopyTicket> CopyEngine::Submit(MoveRequest request) {
     }
   }
 
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (stopping_) return absl::FailedPreconditionError("copy engine is shut down");
   const CopyTicket ticket(next_ticket_++);
   Queue& queue = queues_[priority];
@@ -219,7 +219,7 @@ void CopyEngine::WorkerLoop() {
     std::vector<Queued> run;
     SteadyTime start;
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       while (!stopping_ && (paused_ || !AnyQueuedLocked())) work_cv_.Wait(&mu_);
       if (stopping_) return;  // Shutdown cancels whatever is still queued.
       run = TakeRunLocked();
@@ -232,7 +232,7 @@ void CopyEngine::WorkerLoop() {
     const SteadyTime end = std::chrono::steady_clock::now();
 
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       SteadyTime overlap_end = end;
       for (const Queued& q : run) {
         const TicketState& state = pending_[q.ticket.value()];
@@ -264,7 +264,7 @@ void CopyEngine::WorkerLoop() {
       if (run[i].request.done) run[i].request.done(statuses[i]);
     }
 
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     for (const Queued& q : run) pending_.erase(q.ticket.value());
     --stats_.running;
     done_cv_.SignalAll();
@@ -326,7 +326,7 @@ std::vector<absl::Status> CopyEngine::Execute(const std::vector<Queued>& run) {
 }
 
 absl::Status CopyEngine::Wait(CopyTicket ticket) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (ticket.value() == 0 || ticket.value() >= next_ticket_) {
     return absl::NotFoundError(absl::StrCat("copy ticket ", ticket.value(), " was never issued"));
   }
@@ -342,7 +342,7 @@ absl::Status CopyEngine::Wait(CopyTicket ticket) {
 }
 
 absl::Status CopyEngine::Drain() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   while (AnyQueuedLocked() || stats_.running > 0) {
     if (paused_ && AnyQueuedLocked()) {
       return absl::FailedPreconditionError("Drain() while paused with moves queued");
@@ -353,21 +353,21 @@ absl::Status CopyEngine::Drain() {
 }
 
 void CopyEngine::Pause() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   paused_ = true;
 }
 
 void CopyEngine::Resume() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   paused_ = false;
   work_cv_.SignalAll();
 }
 
 void CopyEngine::Shutdown() {
-  absl::MutexLock shutdown_lock(&shutdown_mu_);
+  MutexLock shutdown_lock(&shutdown_mu_);
   std::vector<Queued> cancelled;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     stopping_ = true;
     for (int p = 0; p < kNumCopyPriorities; ++p) {
       for (Queued& q : queues_[p]) cancelled.push_back(std::move(q));
@@ -384,13 +384,13 @@ void CopyEngine::Shutdown() {
   for (Queued& q : cancelled) {
     if (q.request.done) q.request.done(absl::CancelledError("copy engine shut down"));
   }
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   for (const Queued& q : cancelled) pending_.erase(q.ticket.value());
   done_cv_.SignalAll();
 }
 
 CopyEngineStats CopyEngine::Stats() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return stats_;
 }
 

@@ -45,8 +45,8 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "cachesvc/base/ids.h"
+#include "cachesvc/base/mutex.h"
 #include "offload/device_pool.h"
 #include "offload/disk_store.h"
 #include "offload/host_pool.h"
@@ -209,9 +209,9 @@ class CopyEngine {
   const CopyEngineOptions options_;
   const uint64_t page_bytes_;
 
-  mutable absl::Mutex mu_;
-  absl::CondVar work_cv_;  // Signalled when work arrives, on Resume and on Shutdown.
-  absl::CondVar done_cv_;  // Signalled when moves complete.
+  mutable Mutex mu_;
+  CondVar work_cv_;  // Signalled when work arrives, on Resume and on Shutdown.
+  CondVar done_cv_;  // Signalled when moves complete.
   std::array<Queue, kNumCopyPriorities> queues_ ABSL_GUARDED_BY(mu_);
   // Per priority: source start position -> the queued move starting there (the first one, when
   // several do). Lets a worker find a run's successor without scanning the queue.
@@ -224,7 +224,7 @@ class CopyEngine {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   CopyEngineStats stats_ ABSL_GUARDED_BY(mu_);
   std::vector<std::thread> workers_;  // Written only by the constructor and Shutdown.
-  absl::Mutex shutdown_mu_;           // Serializes Shutdown callers.
+  Mutex shutdown_mu_;                 // Serializes Shutdown callers.
 };
 
 }  // namespace headwise

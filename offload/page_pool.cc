@@ -52,22 +52,22 @@ absl::StatusOr<Extent> PagePool::AllocateLocked(uint64_t num_slots,
 }
 
 absl::StatusOr<Extent> PagePool::AllocateExtent(uint64_t num_slots) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return AllocateLocked(num_slots, std::nullopt);
 }
 
 absl::StatusOr<Extent> PagePool::GrowExtent(const Extent& previous, uint64_t num_slots) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return AllocateLocked(num_slots, previous.end_slot());
 }
 
 absl::Status PagePool::Free(const Extent& extent) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return allocator_.Free(extent);
 }
 
 PagePoolStats PagePool::Stats() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   PagePoolStats stats;
   const uint64_t slot = static_cast<uint64_t>(slot_bytes_);
   stats.tier = tier_;

@@ -19,8 +19,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "cachesvc/base/ids.h"
+#include "cachesvc/base/mutex.h"
 #include "offload/extent.h"
 #include "offload/internal/extent_allocator.h"
 
@@ -121,7 +121,7 @@ class PagePool {
   const bool host_accessible_;
   const bool emulated_;
 
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   offload_internal::ExtentAllocator allocator_ ABSL_GUARDED_BY(mu_);
   uint64_t peak_used_slots_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t allocations_ ABSL_GUARDED_BY(mu_) = 0;

@@ -16,12 +16,12 @@ Clock* Clock::Real() {
 }
 
 absl::Time FakeClock::Now() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return now_;
 }
 
 void FakeClock::Advance(absl::Duration d) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   now_ += d;
 }
 

@@ -3,7 +3,7 @@
 #define HEADWISE_CACHESVC_BASE_CLOCK_H_
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "cachesvc/base/mutex.h"
 #include "absl/time/time.h"
 
 namespace headwise {
@@ -24,7 +24,7 @@ class FakeClock : public Clock {
   void Advance(absl::Duration d);
 
  private:
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   absl::Time now_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -119,6 +119,9 @@ absl::Status HeadwiseServer::StartImpl(const headwise::v1::DaemonConfig& config)
                      DurableLog::Open((fs::path(config.data_dir()) / "durable").string()));
   }
   ASSIGN_OR_RETURN(engine_, Engine::Create(engine_options));
+  if (const int orphans = StagingRegistry::RemoveOrphans(); orphans > 0) {
+    spdlog::info("removed {} staging region(s) left by daemons that did not shut down", orphans);
+  }
   staging_ = std::make_unique<StagingRegistry>(config.max_staging_region_bytes());
 
   HeadwiseServiceOptions service_options;

@@ -1,14 +1,17 @@
 #include "cachesvc/service/staging.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -136,6 +139,27 @@ void StagingRegistry::CloseAll() {
 int64_t StagingRegistry::open_regions() const {
   absl::MutexLock lock(&mu_);
   return static_cast<int64_t>(regions_.size());
+}
+
+int StagingRegistry::RemoveOrphans() {
+  constexpr std::string_view kPrefix = "headwise-";
+  std::error_code ec;
+  int removed = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(kPrefix, 0) != 0) continue;
+    const size_t dash = name.find('-', kPrefix.size());
+    if (dash == std::string::npos) continue;
+    int pid = 0;
+    if (!absl::SimpleAtoi(name.substr(kPrefix.size(), dash - kPrefix.size()), &pid) || pid <= 0) {
+      continue;
+    }
+    struct stat st;
+    if (stat(entry.path().c_str(), &st) != 0 || st.st_uid != geteuid()) continue;
+    if (kill(pid, 0) == 0 || errno != ESRCH) continue;  // Its daemon still runs.
+    if (shm_unlink(("/" + name).c_str()) == 0) ++removed;
+  }
+  return removed;
 }
 
 }  // namespace headwise

@@ -73,6 +73,11 @@ class StagingRegistry {
 
   int64_t open_regions() const;
 
+  // Unlinks the staging objects that daemons killed without a shutdown (kill -9, a crash) left
+  // in /dev/shm: names "headwise-<pid>-*" owned by this user whose <pid> no longer runs.
+  // Returns how many were removed. Called once at start, before any region is created.
+  static int RemoveOrphans();
+
  private:
   const uint64_t max_region_bytes_;
   mutable absl::Mutex mu_;

@@ -245,6 +245,38 @@ TEST_F(EngineTest, HeadOffloadSpillsToDiskAndBackExactly) {
   std::filesystem::remove_all(dir);
 }
 
+// A head longer than the device pool (a 2^20-token Llama-3-8B head is 512 MiB) is attended in
+// page ranges merged exactly; before, Attend failed with RESOURCE_EXHAUSTED.
+TEST_F(EngineTest, HeadOffloadSplitsHeadsLongerThanTheDevice) {
+  EngineOptions options;
+  const ModelLayout layout = SmallLayout(DType::kF16);
+  options.device_budget_bytes = 5 * layout.page_bytes();
+  options.extent_pages = 4;
+  MakeEngine(options, layout);
+  for (int prefetch : {1, 0}) {
+    SCOPED_TRACE(prefetch);
+    headwise::v1::PolicySpec spec = Spec(headwise::v1::Placement::HEAD_OFFLOAD);
+    spec.mutable_placement()->set_prefetch_depth(prefetch);
+    auto seq = engine_->CreateSequence("small", spec);
+    ASSERT_TRUE(seq.ok());
+    KvHistory history(layout_);
+    uint32_t seed = 40;
+    int64_t pages = 0;
+    for (int tokens : {3, 9, 7, 13, 1}) {
+      AppendStep(*seq, history, tokens, seed++);
+      pages = engine_->GetSequenceStats(*seq)->host_pages;
+      const uint64_t before = engine_->GetStats().bytes_host_to_device;
+      AttendAndCheck(*seq, history, seed++);
+      // Every page is copied to the device exactly once per attend.
+      EXPECT_EQ(engine_->GetStats().bytes_host_to_device - before,
+                static_cast<uint64_t>(pages * layout_.page_bytes()));
+    }
+    EXPECT_EQ(pages, 3 * 4 * 9);  // 33 tokens: 9 pages per head, 5 fit on the device.
+    EXPECT_LE(engine_->GetStats().device.peak_bytes, 5u * layout_.page_bytes());
+    ASSERT_TRUE(engine_->Release(*seq).ok());
+  }
+}
+
 TEST_F(EngineTest, HostFullWithoutDiskIsResourceExhaustedAndUnchanged) {
   EngineOptions options;
   const ModelLayout layout = SmallLayout(DType::kF32);
@@ -502,12 +534,13 @@ TEST_F(EngineTest, BadInputsGiveTheRightCodes) {
   EXPECT_EQ(engine_->Append(*seq, LayerId(0), c.k, c.v, 2, DType::kBF16).code(),
             absl::StatusCode::kInvalidArgument);
   // The append rule: layer 0 starts a step of 2; layer 0 may not go on, layer 1 must append 2.
+  // Appends out of order are FAILED_PRECONDITION (service.proto's contract), not bad arguments.
   ASSERT_TRUE(engine_->Append(*seq, LayerId(0), c.k, c.v, 2, layout_.dtype).ok());
   EXPECT_EQ(engine_->Append(*seq, LayerId(0), c.k, c.v, 2, layout_.dtype).code(),
-            absl::StatusCode::kInvalidArgument);
+            absl::StatusCode::kFailedPrecondition);
   const KvChunk c1 = history.MakeChunk(1, 2);
   EXPECT_EQ(engine_->Append(*seq, LayerId(1), c1.k, c1.v, 1, layout_.dtype).code(),
-            absl::StatusCode::kInvalidArgument);
+            absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(engine_->Append(*seq, LayerId(1), c.k, c.v, 2, layout_.dtype).ok());
   // Truncate cannot cut into a step in progress (length() is still 0).
   EXPECT_EQ(engine_->Truncate(*seq, 2).code(), absl::StatusCode::kInvalidArgument);

@@ -5,7 +5,7 @@
 #include <thread>
 #include <vector>
 
-#include "absl/synchronization/mutex.h"
+#include "cachesvc/base/mutex.h"
 #include "gtest/gtest.h"
 #include "tests/offload/offload_fixtures.h"
 
@@ -135,7 +135,7 @@ TEST_F(CopyEngineTest, RoundTripThroughEveryTierPreservesBytes) {
 TEST_F(CopyEngineTest, DemandRunsBeforePrefetchBeforeWriteBackBeforeDemotion) {
   auto engine = MakeEngine(/*workers=*/1, /*paused=*/true);
   ASSERT_NE(engine, nullptr);
-  absl::Mutex mu;
+  Mutex mu;
   std::vector<int> order;
   // Submitted least urgent first; every move non-adjacent to the others so none coalesce.
   const CopyPriority submitted[] = {CopyPriority::kDemotion, CopyPriority::kWriteBack,
@@ -145,7 +145,7 @@ TEST_F(CopyEngineTest, DemandRunsBeforePrefetchBeforeWriteBackBeforeDemotion) {
     MoveRequest r = Move(CopyDirection::kDeviceToHost, 10 * i, 10 * i, 1, submitted[i]);
     r.done = [&, i](absl::Status s) {
       EXPECT_TRUE(s.ok());
-      absl::MutexLock lock(&mu);
+      MutexLock lock(&mu);
       order.push_back(i);
     };
     ASSERT_TRUE(engine->Submit(std::move(r)).ok());
@@ -154,7 +154,7 @@ TEST_F(CopyEngineTest, DemandRunsBeforePrefetchBeforeWriteBackBeforeDemotion) {
   EXPECT_EQ(engine->Drain().code(), absl::StatusCode::kFailedPrecondition);
   engine->Resume();
   ASSERT_TRUE(engine->Drain().ok());
-  absl::MutexLock lock(&mu);
+  MutexLock lock(&mu);
   // Demand (FIFO among themselves), then prefetch, write-back, demotion.
   EXPECT_EQ(order, (std::vector<int>{3, 5, 2, 4, 1, 0}));
 }

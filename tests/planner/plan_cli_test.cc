@@ -1,5 +1,6 @@
 // Runs the built `headwise` binary and checks its exit codes, JSON and messages.
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdio>
@@ -26,8 +27,10 @@ struct Result {
 // Runs `headwise <args>` through the shell, capturing stdout and stderr separately.
 Result RunHeadwise(const std::string& args) {
   const fs::path dir = fs::path(testing::TempDir());
-  const std::string out_path = (dir / "headwise_cli_out.txt").string();
-  const std::string err_path = (dir / "headwise_cli_err.txt").string();
+  // ctest runs every test case as its own process, in parallel: names must not collide.
+  const std::string tag = std::to_string(getpid());
+  const std::string out_path = (dir / ("headwise_cli_out." + tag)).string();
+  const std::string err_path = (dir / ("headwise_cli_err." + tag)).string();
   const std::string command =
       std::string(HEADWISE_CLI_PATH) + " " + args + " >" + out_path + " 2>" + err_path;
   const int status = std::system(command.c_str());
