@@ -153,6 +153,7 @@ absl::Status Run(const Flags& flags) {
       });
   if (!result.ok()) return result.status();
   std::printf("\n");
+  std::fflush(stdout);  // The stats below go to stderr; keep the text first.
   const std::string policy =
       flags.streaming ? absl::StrCat("StreamingLLM sink ", flags.sink, " recent ", flags.recent)
                       : std::string("full cache");
