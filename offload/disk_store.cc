@@ -13,6 +13,17 @@
 namespace headwise {
 namespace {
 
+// RocksDB's write group lets one writer thread write other threads' batches, handing them over
+// with atomics inside the (uninstrumented) library. ThreadSanitizer cannot see that hand-off, so
+// TSan builds serialize writes here instead; normal builds keep RocksDB's group commit.
+#ifdef HEADWISE_STD_MUTEX
+#define HEADWISE_SERIALIZE_WRITES_FOR_TSAN() MutexLock tsan_write_lock(&tsan_write_mu_)
+#else
+#define HEADWISE_SERIALIZE_WRITES_FOR_TSAN() \
+  do {                                       \
+  } while (false)
+#endif
+
 constexpr char kPagesFamily[] = "pages";
 constexpr char kPageMetaFamily[] = "page_meta";
 constexpr char kSequencesFamily[] = "sequences";
@@ -203,6 +214,7 @@ rocksdb::ColumnFamilyHandle* DiskStore::family(RecordFamily family) const {
 
 absl::Status DiskStore::PutPage(const PageKey& key, absl::Span<const std::byte> bytes, bool sync) {
   ASSIGN_OR_RETURN(const std::string encoded, EncodePageKey(key));
+  HEADWISE_SERIALIZE_WRITES_FOR_TSAN();
   RETURN_IF_ERROR(
       FromRocks(db_->Put(WriteOptionsFor(sync), pages(), encoded, AsSlice(bytes)), "put page"));
   bytes_written_.fetch_add(bytes.size(), std::memory_order_relaxed);
@@ -256,6 +268,7 @@ std::vector<absl::Status> DiskStore::GetPages(absl::Span<const PageKey> keys,
 
 absl::Status DiskStore::DeletePage(const PageKey& key, bool sync) {
   ASSIGN_OR_RETURN(const std::string encoded, EncodePageKey(key));
+  HEADWISE_SERIALIZE_WRITES_FOR_TSAN();
   RETURN_IF_ERROR(FromRocks(db_->Delete(WriteOptionsFor(sync), pages(), encoded), "delete page"));
   pages_deleted_.fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
@@ -265,12 +278,14 @@ absl::Status DiskStore::DeleteSequencePages(const SequenceId& sequence, bool syn
   const std::string begin = SequencePrefix(sequence);
   // The largest 24-byte key with this prefix is prefix + 8 x 0xff; one more byte sorts after it.
   const std::string end = begin + std::string(8, '\xff') + std::string(1, '\0');
+  HEADWISE_SERIALIZE_WRITES_FOR_TSAN();
   return FromRocks(db_->DeleteRange(WriteOptionsFor(sync), pages(), begin, end),
                    "delete sequence pages");
 }
 
 absl::Status DiskStore::Put(RecordFamily family, std::string_view key, std::string_view value,
                             bool sync) {
+  HEADWISE_SERIALIZE_WRITES_FOR_TSAN();
   RETURN_IF_ERROR(
       FromRocks(db_->Put(WriteOptionsFor(sync), this->family(family), AsSlice(key), AsSlice(value)),
                 "put record"));
@@ -290,6 +305,7 @@ absl::StatusOr<std::string> DiskStore::Get(RecordFamily family, std::string_view
 }
 
 absl::Status DiskStore::Delete(RecordFamily family, std::string_view key, bool sync) {
+  HEADWISE_SERIALIZE_WRITES_FOR_TSAN();
   return FromRocks(db_->Delete(WriteOptionsFor(sync), this->family(family), AsSlice(key)),
                    "delete record");
 }
@@ -314,6 +330,7 @@ absl::Status DiskStore::Iterate(
 
 absl::Status DiskStore::Write(Batch& batch, bool sync) {
   if (batch.store_ != this) return absl::InvalidArgumentError("batch belongs to another store");
+  HEADWISE_SERIALIZE_WRITES_FOR_TSAN();
   RETURN_IF_ERROR(FromRocks(db_->Write(WriteOptionsFor(sync), batch.batch_.get()), "write batch"));
   bytes_written_.fetch_add(batch.value_bytes_, std::memory_order_relaxed);
   pages_written_.fetch_add(batch.pages_put_, std::memory_order_relaxed);

@@ -32,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "cachesvc/base/ids.h"
+#include "cachesvc/base/mutex.h"
 
 namespace rocksdb {
 class ColumnFamilyHandle;
@@ -176,6 +177,8 @@ class DiskStore {
   std::atomic<uint64_t> pages_written_{0};
   std::atomic<uint64_t> pages_read_{0};
   std::atomic<uint64_t> pages_deleted_{0};
+  // Held around every write in ThreadSanitizer builds only (see disk_store.cc).
+  Mutex tsan_write_mu_;
 };
 
 }  // namespace headwise

@@ -87,6 +87,6 @@ cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHEADWISE_SANITIZE
 targets=()
 if [ "$sanitize" = tsan ]; then
   # Only the suites labelled "tsan" (tests/CMakeLists.txt explains the choice).
-  targets=(--target base_test kernels_test offload_test engine_test policies_test)
+  targets=(--target base_test offload_test engine_test policies_test)
 fi
 cmake --build "$build_dir" -j "$jobs" "${targets[@]}"
