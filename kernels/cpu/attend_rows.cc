@@ -32,6 +32,13 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 constexpr int kMaxBlockRows = 8;
+// Independent accumulators the QK and PV loops keep in registers: 16 with the 32 vector
+// registers of AVX-512, 8 with 16 registers.
+#if HWY_TARGET <= HWY_AVX3
+constexpr int kMaxAccumulators = 2 * kMaxBlockRows;
+#else
+constexpr int kMaxAccumulators = kMaxBlockRows;
+#endif
 
 // Loops over the B rows of a block and the U unrolled tokens or channels have compile-time trip
 // counts; they must be fully unrolled, or GCC keeps the accumulator arrays on the stack.
@@ -113,14 +120,14 @@ HWY_INLINE void ScoreTokenGroup(DF df, int head_dim, const float* HWY_RESTRICT q
     }
   }
   float sums[B * U];
-  if constexpr (B * U == 8) {
-    hn::Vec<DF> flat[8];
+  if constexpr (B * U % 8 == 0) {
     HEADWISE_UNROLL
-    for (int j = 0; j < B; ++j) {
+    for (int base = 0; base < B * U; base += 8) {
+      hn::Vec<DF> flat[8];
       HEADWISE_UNROLL
-      for (int u = 0; u < U; ++u) flat[j * U + u] = acc[j][u];
+      for (int i = 0; i < 8; ++i) flat[i] = acc[(base + i) / U][(base + i) % U];
+      SumOfLanes8(df, flat, sums + base);
     }
-    SumOfLanes8(df, flat, sums);
   } else {
     HEADWISE_UNROLL
     for (int j = 0; j < B; ++j) {
@@ -150,7 +157,7 @@ HWY_INLINE void ScoreTokens(DF df, int head_dim, const float* HWY_RESTRICT q, co
   int t = 0;
   for (; t + U <= n; t += U) {
     for (int64_t i = 0; i < lines_per_group && next_line < lines; ++i, ++next_line) {
-      hwy::Prefetch(prefetch + next_line * kLine);
+      __builtin_prefetch(prefetch + next_line * kLine, 0, 2);  // To L2.
     }
     ScoreTokenGroup<B, U>(df, head_dim, q, k, stride, t, n, bias, s);
   }
@@ -248,9 +255,10 @@ void AttendBlock(DF df, int head_dim, const float* q, const int32_t* visible,
   const int chunks = head_dim / static_cast<int>(hn::Lanes(df));
   // Only the first row block prefetches; later blocks find the next page already in flight.
   const bool first_block = row0 == 0;
-  ScoreTokens<B, std::max(1, kMaxBlockRows / B)>(df, head_dim, q, k, stride, n, tokens.bias,
-                                                 first_block ? tokens.prefetch : nullptr,
-                                                 tokens.prefetch_bytes, s);
+  // At most 8 tokens at once: U key vectors and B * U accumulators must fit the registers.
+  ScoreTokens<B, std::clamp(kMaxAccumulators / B, 1, 8)>(df, head_dim, q, k, stride, n, tokens.bias,
+                                                         first_block ? tokens.prefetch : nullptr,
+                                                         tokens.prefetch_bytes, s);
 
   bool any = false;
   HEADWISE_UNROLL
@@ -263,8 +271,10 @@ void AttendBlock(DF df, int head_dim, const float* q, const int32_t* visible,
     any |= SoftmaxRow(df, head_dim, s + j * n, n, vis, m + j, l + j, o + j * head_dim);
   }
   if (!any) return;
-  // Unroll channels as far as head_dim allows while keeping B * U <= 8 accumulators.
-  constexpr int kMaxU = std::max(1, kMaxBlockRows / B);
+  // Unroll channels as far as head_dim allows. With 32 vector registers (AVX-512) PV keeps up to
+  // 16 accumulators (B rows x U channel vectors), so each broadcast probability feeds more FMAs;
+  // with 16 registers, 8.
+  constexpr int kMaxU = std::max(1, kMaxAccumulators / B);
   if (kMaxU >= 4 && chunks % 4 == 0) {
     AccumulateValues<B, std::min(kMaxU, 4)>(df, head_dim, s, n, v, stride, o);
   } else if (kMaxU >= 2 && chunks % 2 == 0) {

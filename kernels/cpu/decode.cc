@@ -18,6 +18,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Work below this many pages per piece is not worth a separate partial state.
 constexpr int kMinPagesPerPiece = 4;
+// How many pages ahead of the one being computed the kernel prefetches.
+constexpr int kPrefetchPages = 2;
 // Pieces per thread, so that heads of unequal length still balance.
 constexpr int kPiecesPerThread = 8;
 
@@ -145,8 +147,10 @@ void Decode(const PagedKvView& kv, const DecodeArgs& args) {
         float* page_logits =
             want_stats ? logits.data() + int64_t{j} * kv.page_tokens * group : nullptr;
         TokenRows rows = PageRows(kv, piece.head, j);
-        if (j + 1 < piece.page_end) {
-          rows.prefetch = kv.pool + int64_t{kv.indices[j + 1]} * page_bytes;
+        // Prefetch kPrefetchPages ahead: pages of a head are scattered, so the hardware
+        // prefetcher loses the stream at every page boundary.
+        if (j + kPrefetchPages < piece.page_end) {
+          rows.prefetch = kv.pool + int64_t{kv.indices[j + kPrefetchPages]} * page_bytes;
           rows.prefetch_bytes = page_bytes;
         }
         AttendRows(kv.dtype, d, group, q, nullptr, rows, partials[i].state(), page_logits,
