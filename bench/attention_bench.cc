@@ -217,6 +217,12 @@ void BM_DecodeAttention(benchmark::State& state) {
   state.counters["bw_ratio"] = reduce_s / attend_s;
   state.counters["vs_scalar"] = naive_s / attend_s;
   state.counters["KV_MiB"] = cache.kv_bytes / 1048576.0;
+  // The compute ceiling: the KV read rate at which this core's peak multiply-add rate is used up
+  // (2 * g * head_dim multiply-adds per token of K and V), per thread, times threads.
+  static const double peak_madds = PeakMultiplyAddsPerSecond();
+  const double token_bytes = 2.0 * kHeadDim * static_cast<double>(DTypeSize(dtype));
+  state.counters["fma_bound_GBps"] =
+      peak_madds / (2.0 * (num_q_heads / kv_heads) * kHeadDim) * token_bytes * threads / 1e9;
   state.SetBytesProcessed(state.iterations() * cache.kv_bytes);
 }
 

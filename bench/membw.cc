@@ -8,6 +8,8 @@
 #define HEADWISE_BENCH_MEMBW_ONCE_
 #include <omp.h>
 
+#include <chrono>
+
 #include "bench/membw.h"
 #endif
 
@@ -33,6 +35,28 @@ float SumF32(const float* data, int64_t n) {
   return sum;
 }
 
+double PeakMadds() {
+  const hn::ScalableTag<float> df;
+  constexpr int kChains = 16;
+  constexpr int64_t kIters = 20'000'000;
+  hn::Vec<decltype(df)> acc[kChains];
+  for (auto& a : acc) a = hn::Set(df, 0.999f);
+  const auto b = hn::Set(df, 0.9999f), c = hn::Set(df, 1e-4f);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < kIters; ++i) {
+    // Fully unrolled, so the chains live in registers.
+#pragma GCC unroll 16
+    for (int j = 0; j < kChains; ++j) acc[j] = hn::MulAdd(acc[j], b, c);
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  auto sum = acc[0];
+  for (int j = 1; j < kChains; ++j) sum = hn::Add(sum, acc[j]);
+  volatile float sink = hn::GetLane(sum);
+  (void)sink;
+  return static_cast<double>(kIters) * kChains * hn::Lanes(df) / seconds;
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace headwise::bench
 HWY_AFTER_NAMESPACE();
@@ -41,6 +65,9 @@ HWY_AFTER_NAMESPACE();
 namespace headwise::bench {
 
 HWY_EXPORT(SumF32);
+HWY_EXPORT(PeakMadds);
+
+double PeakMultiplyAddsPerSecond() { return HWY_DYNAMIC_DISPATCH(PeakMadds)(); }
 
 float SumBytesAsF32(const std::byte* data, int64_t bytes, int threads) {
   const float* f = reinterpret_cast<const float*>(data);

@@ -12,6 +12,12 @@ namespace headwise::bench {
 // bandwidth for this buffer.
 float SumBytesAsF32(const std::byte* data, int64_t bytes, int threads);
 
+// This core's peak f32 multiply-add rate, in multiply-adds per second: 16 independent chains of
+// vector FMAs at the widest SIMD width, one thread. Attention does 2 * g * head_dim
+// multiply-adds per cached token (QK and PV for g query heads), so this bounds how fast any
+// f32-accumulating kernel can read KV from cache.
+double PeakMultiplyAddsPerSecond();
+
 }  // namespace headwise::bench
 
 #endif  // HEADWISE_BENCH_MEMBW_H_
