@@ -1,6 +1,8 @@
+#include "kernels/cuda/attention_cuda.h"
+
 #include <cuda_runtime_api.h>
 
-#include "kernels/cuda/attention_cuda.h"
+#include "cachesvc/base/layout.h"
 
 namespace headwise::kernels::cuda {
 
@@ -15,19 +17,7 @@ bool DeviceAvailable() {
   return count > 0;
 }
 
-bool IsSupportedHeadDim(int head_dim) {
-  switch (head_dim) {
-    case 8:
-    case 16:
-    case 32:
-    case 64:
-    case 96:
-    case 128:
-    case 256:
-      return true;
-    default:
-      return false;
-  }
-}
+// decode.cu instantiates its kernels for exactly the head dims the layout accepts.
+bool IsSupportedHeadDim(int head_dim) { return headwise::IsSupportedHeadDim(head_dim); }
 
 }  // namespace headwise::kernels::cuda
