@@ -14,6 +14,15 @@
 namespace headwise {
 namespace {
 
+// Removes a logged op the engine then rejected, so a restart does not replay it. If that fails
+// too, the sequence's replay will stop at this op on restart: say so loudly.
+void ForgetRejectedOp(DurableLog& log, const std::string& handle, uint32_t op) {
+  if (absl::Status status = log.DeleteOp(handle, op); !status.ok()) {
+    spdlog::error("durable log: could not remove rejected op {} of sequence {}: {}", op, handle,
+                  std::string(status.message()));
+  }
+}
+
 using headwise::v1::DTypeProto;
 using headwise::v1::Tensor;
 
@@ -622,7 +631,7 @@ absl::Status HeadwiseService::DoPrefill(const Tenant& tenant,
       if (status.ok()) {
         ++entry->next_op;
       } else {
-        options_.durable_log->DeleteOp(entry->handle, op).IgnoreError();
+        ForgetRejectedOp(*options_.durable_log, entry->handle, op);
       }
     }
     RETURN_IF_ERROR(status);
@@ -686,7 +695,7 @@ absl::Status HeadwiseService::DoTruncate(const Tenant& tenant,
     if (status.ok()) {
       ++entry->next_op;
     } else {
-      options_.durable_log->DeleteOp(entry->handle, op).IgnoreError();
+      ForgetRejectedOp(*options_.durable_log, entry->handle, op);
     }
   }
   RETURN_IF_ERROR(status);
