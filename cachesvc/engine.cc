@@ -60,6 +60,7 @@ struct Engine::Sequence {
   int64_t evicted_pages ABSL_GUARDED_BY(mu) = 0;
 
   const ModelLayout& layout() const { return layout_entry->layout; }
+  const PoolSet& pools() const { return *layout_entry->pools; }
   HeadTable& table(int layer, int head) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     return heads[static_cast<size_t>(layer) * layout().num_kv_heads + head];
   }
@@ -71,6 +72,7 @@ struct Engine::Sequence {
 // Device-resident pages of some heads of one layer, as a CSR view. For device_only the view
 // points at the pages themselves; otherwise at staging copies in `extents`.
 struct Engine::Staging {
+  const PoolSet* pools = nullptr;  // Set by Stage.
   int h_begin = 0;
   int h_end = 0;
   std::vector<int32_t> indptr;
@@ -102,7 +104,10 @@ int64_t PagesFor(int64_t tokens, int page_tokens) {
 // Creation, layouts, the sequence table.
 
 Engine::Engine(const EngineOptions& options)
-    : options_(options), clock_(options.clock != nullptr ? options.clock : Clock::Real()) {}
+    : options_(options),
+      clock_(options.clock != nullptr ? options.clock : Clock::Real()),
+      device_budget_(options.device_budget_bytes),
+      host_budget_(options.host_budget_bytes) {}
 
 Engine::~Engine() {
   for (Shard& shard : shards_) {
@@ -117,7 +122,8 @@ Engine::~Engine() {
       s->released = true;
     }
   }
-  if (copier_ != nullptr) copier_->Shutdown();
+  MutexLock lock(&layouts_mu_);
+  for (auto& [page_bytes, pools] : pool_sets_) pools->copier->Shutdown();
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
@@ -149,62 +155,62 @@ absl::Status Engine::RegisterLayout(const std::string& name, const ModelLayout& 
     return absl::AlreadyExistsError(
         absl::StrCat("layout '", name, "' is already registered as ", old.DebugString()));
   }
-  if (page_bytes_ == 0) {
-    PagePoolOptions pool;
-    pool.slot_bytes = layout.page_bytes();
-    pool.extent_pages = options_.extent_pages;
-    if (pool.slot_bytes % 16 != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("page bytes ", pool.slot_bytes,
-                                                     " are not a multiple of 16 (",
-                                                     layout.DebugString(), ")"));
-    }
-    if (options_.device_budget_bytes < static_cast<uint64_t>(pool.slot_bytes) ||
-        options_.host_budget_bytes < static_cast<uint64_t>(pool.slot_bytes)) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("a budget is smaller than one page of ", pool.slot_bytes, " bytes"));
-    }
-    DevicePoolOptions device;
-    device.pool = pool;
-    device.pool.budget_bytes = options_.device_budget_bytes;
-    HostPoolOptions host;
-    host.pool = pool;
-    host.pool.budget_bytes = options_.host_budget_bytes;
-    ASSIGN_OR_RETURN(device_, DevicePool::Create(device));
-    ASSIGN_OR_RETURN(host_, HostPool::Create(host));
-    if (!device_->host_accessible()) {
-      return absl::UnimplementedError("a real (non host-accessible) device pool is not supported");
-    }
-    CopyEngineOptions copy;
-    copy.device = device_.get();
-    copy.host = host_.get();
-    copy.disk = disk_.get();
-    copy.num_workers = options_.copy_threads;
-    ASSIGN_OR_RETURN(copier_, CopyEngine::Create(copy));
-    page_bytes_ = pool.slot_bytes;
-    pools_ready_.store(true, std::memory_order_release);
-  } else if (layout.page_bytes() != page_bytes_) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("layout '", name, "' has pages of ", layout.page_bytes(),
-                     " bytes; this engine's pools hold pages of ", page_bytes_, " bytes"));
-  }
+  ASSIGN_OR_RETURN(PoolSet * pools, PoolsFor(layout.page_bytes()));
   auto entry = std::make_shared<LayoutEntry>();
   entry->name = name;
   entry->layout = layout;
+  entry->pools = pools;
   layouts_[name] = std::move(entry);
   return absl::OkStatus();
 }
 
-int64_t Engine::page_bytes() const {
-  MutexLock lock(&layouts_mu_);
-  return page_bytes_;
+absl::StatusOr<Engine::PoolSet*> Engine::PoolsFor(int64_t page_bytes) {
+  if (auto it = pool_sets_.find(page_bytes); it != pool_sets_.end()) return it->second.get();
+  PagePoolOptions pool;
+  pool.slot_bytes = page_bytes;
+  pool.extent_pages = options_.extent_pages;
+  if (pool.slot_bytes % 16 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page bytes ", pool.slot_bytes, " are not a multiple of 16"));
+  }
+  if (options_.device_budget_bytes < static_cast<uint64_t>(pool.slot_bytes) ||
+      options_.host_budget_bytes < static_cast<uint64_t>(pool.slot_bytes)) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("a budget is smaller than one page of ", pool.slot_bytes, " bytes"));
+  }
+  // Each pool may use the whole tier budget on its own; the shared TierBudget keeps the pools of
+  // every page size within it together.
+  auto set = std::make_unique<PoolSet>();
+  DevicePoolOptions device;
+  device.pool = pool;
+  device.pool.budget_bytes = options_.device_budget_bytes;
+  device.pool.shared_budget = &device_budget_;
+  HostPoolOptions host;
+  host.pool = pool;
+  host.pool.budget_bytes = options_.host_budget_bytes;
+  host.pool.shared_budget = &host_budget_;
+  ASSIGN_OR_RETURN(set->device, DevicePool::Create(device));
+  ASSIGN_OR_RETURN(set->host, HostPool::Create(host));
+  if (!set->device->host_accessible()) {
+    return absl::UnimplementedError("a real (non host-accessible) device pool is not supported");
+  }
+  CopyEngineOptions copy;
+  copy.device = set->device.get();
+  copy.host = set->host.get();
+  copy.disk = disk_.get();
+  copy.num_workers = options_.copy_threads;
+  ASSIGN_OR_RETURN(set->copier, CopyEngine::Create(copy));
+  PoolSet* result = set.get();
+  pool_sets_.emplace(page_bytes, std::move(set));
+  return result;
 }
 
-PagePool* Engine::Pool(Tier tier) const {
+PagePool* Engine::PoolSet::Pool(Tier tier) const {
   switch (tier) {
     case Tier::kDevice:
-      return device_.get();
+      return device.get();
     case Tier::kHost:
-      return host_.get();
+      return host.get();
     case Tier::kDisk:
       return nullptr;
   }
@@ -299,36 +305,38 @@ Engine::PhysPage* Engine::NewPage(Tier tier, uint64_t slot) {
   return page;
 }
 
-void Engine::FreeSlot(Tier tier, uint64_t slot) {
+void Engine::FreeSlot(const PoolSet& pools, Tier tier, uint64_t slot) {
   // Cannot fail for a slot this engine allocated and still owns.
-  (void)Pool(tier)->Free(Extent{slot, 1});
+  (void)pools.Pool(tier)->Free(Extent{slot, 1});
 }
 
-void Engine::Unref(PhysPage* page) {
+void Engine::Unref(const PoolSet& pools, PhysPage* page) {
   if (page->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   live_pages_[static_cast<int>(page->tier)].fetch_sub(1, std::memory_order_relaxed);
   if (page->tier == Tier::kDisk) {
+    disk_bytes_.fetch_sub(pools.host->slot_bytes(), std::memory_order_relaxed);
     (void)disk_->DeletePage(page->disk_key);
   } else {
-    FreeSlot(page->tier, page->slot);
+    FreeSlot(pools, page->tier, page->slot);
   }
   delete page;
 }
 
-void Engine::ReleaseArena(HeadTable& table) {
+void Engine::ReleaseArena(const PoolSet& pools, HeadTable& table) {
   if (table.has_arena && table.arena_next < table.arena.end_slot()) {
-    (void)Pool(table.arena_tier)
+    (void)pools.Pool(table.arena_tier)
         ->Free(Extent{table.arena_next, table.arena.end_slot() - table.arena_next});
   }
   table.has_arena = false;
 }
 
 void Engine::ReleaseAllPages(Sequence& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const PoolSet& pools = s.pools();
   for (HeadTable& t : s.heads) {
-    for (PhysPage* p : t.phys) Unref(p);
+    for (PhysPage* p : t.phys) Unref(pools, p);
     t.phys.clear();
     t.meta.clear();
-    ReleaseArena(t);
+    ReleaseArena(pools, t);
   }
 }
 
@@ -341,7 +349,8 @@ absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier ti
   if (table.has_arena && table.arena_tier == tier && table.arena_next < table.arena.end_slot()) {
     return table.arena_next++;
   }
-  PagePool* pool = Pool(tier);
+  const PoolSet& pools = s.pools();
+  PagePool* pool = pools.Pool(tier);
   for (int attempt = 0;; ++attempt) {
     absl::StatusOr<Extent> extent = table.has_arena && table.arena_tier == tier
                                         ? pool->GrowExtent(table.arena)
@@ -350,7 +359,7 @@ absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier ti
       extent = pool->AllocateExtent(1);  // The budget may still hold single pages.
     }
     if (extent.ok()) {
-      ReleaseArena(table);
+      ReleaseArena(pools, table);
       table.arena_tier = tier;
       table.arena = *extent;
       table.arena_next = extent->first_slot + 1;
@@ -363,7 +372,7 @@ absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier ti
       for (HeadTable& other : s.heads) {
         if (&other != &table && other.has_arena && other.arena_tier == tier &&
             other.arena_next < other.arena.end_slot()) {
-          ReleaseArena(other);
+          ReleaseArena(pools, other);
           reclaimed = true;
         }
       }
@@ -383,6 +392,7 @@ absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier ti
 absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_begin,
                                   size_t protect_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const ModelLayout& layout = s.layout();
+  const PoolSet& pools = s.pools();
   std::vector<SpillCandidate> candidates;
   std::vector<std::pair<size_t, size_t>> where;  // (table index, page index) per handle.
   for (size_t ti = 0; ti < s.heads.size(); ++ti) {
@@ -428,18 +438,19 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_beg
       MutexLock lock(failure_mu.get());
       if (failure->ok()) *failure = std::move(st);
     };
-    ASSIGN_OR_RETURN(CopyTicket ticket, copier_->Submit(std::move(move)));
+    ASSIGN_OR_RETURN(CopyTicket ticket, pools.copier->Submit(std::move(move)));
     pending.push_back(Pending{t.phys[pi], &t.meta[pi], key, ticket});
   }
-  for (const Pending& p : pending) RETURN_IF_ERROR(copier_->Wait(p.ticket));
+  for (const Pending& p : pending) RETURN_IF_ERROR(pools.copier->Wait(p.ticket));
   {
     MutexLock lock(failure_mu.get());
     RETURN_IF_ERROR(*failure);
   }
   for (const Pending& p : pending) {
-    FreeSlot(Tier::kHost, p.page->slot);
+    FreeSlot(pools, Tier::kHost, p.page->slot);
     live_pages_[static_cast<int>(Tier::kHost)].fetch_sub(1, std::memory_order_relaxed);
     live_pages_[static_cast<int>(Tier::kDisk)].fetch_add(1, std::memory_order_relaxed);
+    disk_bytes_.fetch_add(pools.host->slot_bytes(), std::memory_order_relaxed);
     p.page->tier = Tier::kDisk;
     p.page->disk_key = p.key;
     p.meta->id = PageId(Tier::kDisk, p.key.ordinal);
@@ -454,6 +465,7 @@ absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
                                     size_t protect_begin, size_t protect_end) {
   PhysPage* page = table.phys[index];
   if (page->tier != Tier::kDisk) return absl::OkStatus();
+  const PoolSet& pools = s.pools();
   ASSIGN_OR_RETURN(const uint64_t slot,
                    TakeSlot(s, table, Tier::kHost, protect_begin, protect_end));
   MoveRequest move;
@@ -463,11 +475,11 @@ absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
   move.disk_key = page->disk_key;
   auto result = std::make_shared<absl::Status>();
   move.done = [result](absl::Status st) { *result = std::move(st); };
-  absl::StatusOr<CopyTicket> ticket = copier_->Submit(std::move(move));
-  absl::Status st = ticket.ok() ? copier_->Wait(*ticket) : ticket.status();
+  absl::StatusOr<CopyTicket> ticket = pools.copier->Submit(std::move(move));
+  absl::Status st = ticket.ok() ? pools.copier->Wait(*ticket) : ticket.status();
   if (st.ok()) st = *result;
   if (!st.ok()) {
-    FreeSlot(Tier::kHost, slot);
+    FreeSlot(pools, Tier::kHost, slot);
     return st;
   }
   fetched_pages_.fetch_add(1, std::memory_order_relaxed);
@@ -475,11 +487,12 @@ absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
     (void)disk_->DeletePage(page->disk_key);
     live_pages_[static_cast<int>(Tier::kDisk)].fetch_sub(1, std::memory_order_relaxed);
     live_pages_[static_cast<int>(Tier::kHost)].fetch_add(1, std::memory_order_relaxed);
+    disk_bytes_.fetch_sub(pools.host->slot_bytes(), std::memory_order_relaxed);
     page->tier = Tier::kHost;
     page->slot = slot;
   } else {
     table.phys[index] = NewPage(Tier::kHost, slot);
-    Unref(page);
+    Unref(pools, page);
   }
   table.meta[index].id = PageId(Tier::kHost, slot);
   return absl::OkStatus();
@@ -495,6 +508,9 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
                            int protect_from_head, Staging& out, size_t page_begin,
                            size_t page_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   out = Staging();
+  const PoolSet& pools = s.pools();
+  DevicePool* device = pools.device.get();
+  out.pools = &pools;
   out.h_begin = h_begin;
   out.h_end = h_end;
   out.indptr.push_back(0);
@@ -535,15 +551,15 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
   std::vector<uint64_t> dst;
   dst.reserve(total);
   if (total > 0) {
-    absl::StatusOr<Extent> run = device_->AllocateExtent(static_cast<uint64_t>(total));
+    absl::StatusOr<Extent> run = device->AllocateExtent(static_cast<uint64_t>(total));
     if (run.ok()) {
       out.extents.push_back(*run);
       for (int64_t i = 0; i < total; ++i) dst.push_back(run->first_slot + i);
     } else {
       for (int64_t i = 0; i < total; ++i) {
-        absl::StatusOr<Extent> one = device_->AllocateExtent(1);
+        absl::StatusOr<Extent> one = device->AllocateExtent(1);
         if (!one.ok()) {
-          for (const Extent& e : out.extents) (void)device_->Free(e);
+          for (const Extent& e : out.extents) (void)device->Free(e);
           out.extents.clear();
           return absl::ResourceExhaustedError(absl::StrCat("device tier cannot stage ", total,
                                                            " pages of layer ", layer, ": ",
@@ -573,7 +589,7 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
         MutexLock lock(&state->mu);
         if (state->status.ok()) state->status = std::move(st);
       };
-      absl::StatusOr<CopyTicket> ticket = copier_->Submit(std::move(move));
+      absl::StatusOr<CopyTicket> ticket = pools.copier->Submit(std::move(move));
       if (!ticket.ok()) {
         Unstage(out);
         return ticket.status();
@@ -585,7 +601,7 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
 }
 
 absl::Status Engine::WaitStaged(Staging& staging) {
-  for (CopyTicket t : staging.tickets) RETURN_IF_ERROR(copier_->Wait(t));
+  for (CopyTicket t : staging.tickets) RETURN_IF_ERROR(staging.pools->copier->Wait(t));
   staging.tickets.clear();
   MutexLock lock(&staging.copy_state->mu);
   return staging.copy_state->status;
@@ -593,9 +609,9 @@ absl::Status Engine::WaitStaged(Staging& staging) {
 
 void Engine::Unstage(Staging& staging) {
   if (!staging.active) return;
-  for (CopyTicket t : staging.tickets) (void)copier_->Wait(t);
+  for (CopyTicket t : staging.tickets) (void)staging.pools->copier->Wait(t);
   staging.tickets.clear();
-  for (const Extent& e : staging.extents) (void)device_->Free(e);
+  for (const Extent& e : staging.extents) (void)staging.pools->device->Free(e);
   staging.extents.clear();
   staging.active = false;
 }
@@ -655,7 +671,8 @@ absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, co
   const int H = layout.num_kv_heads;
   const int64_t row_bytes = int64_t{layout.head_dim} * DTypeSize(layout.dtype);
   const Tier home = s.placement.home_tier();
-  PagePool* pool = Pool(home);
+  const PoolSet& pools = s.pools();
+  PagePool* pool = pools.Pool(home);
   ++s.step;
 
   // Plan: per head, whether the tail page must be copied first (shared, or not in the home
@@ -690,7 +707,7 @@ absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, co
   }
   if (!st.ok()) {
     for (HeadPlan& p : plan) {
-      for (uint64_t slot : p.slots) FreeSlot(home, slot);
+      for (uint64_t slot : p.slots) FreeSlot(pools, home, slot);
     }
     return st;
   }
@@ -707,11 +724,11 @@ absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, co
       if (old->tier == Tier::kDisk) {
         RETURN_IF_ERROR(disk_->GetPage(old->disk_key, absl::MakeSpan(dst, pool->slot_bytes())));
       } else {
-        std::memcpy(dst, Pool(old->tier)->SlotAddress(old->slot), pool->slot_bytes());
+        std::memcpy(dst, pools.Pool(old->tier)->SlotAddress(old->slot), pool->slot_bytes());
       }
       t.phys.back() = NewPage(home, slot);
       t.meta.back().id = PageId(home, slot);
-      Unref(old);
+      Unref(pools, old);
       cow_copies_.fetch_add(1, std::memory_order_relaxed);
     }
     for (int64_t i = 0; i < num_tokens; ++i) {
@@ -757,7 +774,7 @@ absl::Status Engine::ApplyEviction(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY
     size_t w = 0;
     for (size_t r = 0; r < t.meta.size(); ++r) {
       if (drop[r]) {
-        Unref(t.phys[r]);
+        Unref(s.pools(), t.phys[r]);
         continue;
       }
       t.meta[w] = std::move(t.meta[r]);
@@ -827,7 +844,8 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
       args.lse = lse;
       args.num_threads = options_.compute_threads;
       st = kernels::DecodeAttention(
-          ViewOf(*device_, layout, staged.indptr, staged.indices, staged.last_page_len, H), args);
+          ViewOf(*s.pools().device, layout, staged.indptr, staged.indices, staged.last_page_len, H),
+          args);
     }
     Unstage(staged);
     return st;
@@ -837,7 +855,8 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
   // capacity / (1 + ahead) slots, one of the consecutive page ranges it is cut into; the parts
   // of such a head are merged exactly (MergeAttentionStates).
   const int ahead = s.placement.heads_ahead();
-  const size_t share = std::max<size_t>(1, device_->num_slots() / (1 + static_cast<size_t>(ahead)));
+  const size_t share =
+      std::max<size_t>(1, s.pools().device->num_slots() / (1 + static_cast<size_t>(ahead)));
   struct Part {
     int head;
     size_t page_begin;
@@ -890,9 +909,9 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
     args.o = head_o;
     args.lse = head_lse;
     args.num_threads = options_.compute_threads;
-    st = kernels::DecodeAttention(
-        ViewOf(*device_, layout, staged[i].indptr, staged[i].indices, staged[i].last_page_len, 1),
-        args);
+    st = kernels::DecodeAttention(ViewOf(*s.pools().device, layout, staged[i].indptr,
+                                         staged[i].indices, staged[i].last_page_len, 1),
+                                  args);
     Unstage(staged[i]);
     if (st.ok() && last && !first) {
       const int n = static_cast<int>(part_lse.size() / g);
@@ -958,7 +977,8 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
       args.lse = lse;
       args.num_threads = options_.compute_threads;
       st = kernels::PrefillAttention(
-          ViewOf(*device_, layout, staged.indptr, staged.indices, staged.last_page_len, H), args);
+          ViewOf(*s.pools().device, layout, staged.indptr, staged.indices, staged.last_page_len, H),
+          args);
     }
     Unstage(staged);
   } else {
@@ -999,7 +1019,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
         args.lse = lh.data();
         args.num_threads = options_.compute_threads;
         st = kernels::PrefillAttention(
-            ViewOf(*device_, layout, cur.indptr, cur.indices, cur.last_page_len, 1), args);
+            ViewOf(*s.pools().device, layout, cur.indptr, cur.indices, cur.last_page_len, 1), args);
       }
       Unstage(cur);
       if (!st.ok()) break;
@@ -1081,7 +1101,7 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
   for (HeadTable& t : s->heads) {
     size_t keep = 0;
     while (keep < t.meta.size() && t.meta[keep].first_position < new_length) ++keep;
-    for (size_t i = keep; i < t.phys.size(); ++i) Unref(t.phys[i]);
+    for (size_t i = keep; i < t.phys.size(); ++i) Unref(s->pools(), t.phys[i]);
     t.meta.resize(keep);
     t.phys.resize(keep);
     if (keep > 0) {
@@ -1143,23 +1163,21 @@ EngineStats Engine::GetStats() const {
   out.spilled_pages = spilled_pages_.load(std::memory_order_relaxed);
   out.fetched_pages = fetched_pages_.load(std::memory_order_relaxed);
   out.cow_copies = cow_copies_.load(std::memory_order_relaxed);
-  if (!pools_ready_.load(std::memory_order_acquire)) {
-    out.device.budget_bytes = options_.device_budget_bytes;
-    out.host.budget_bytes = options_.host_budget_bytes;
-    return out;
+  out.disk_bytes = static_cast<uint64_t>(disk_bytes_.load(std::memory_order_relaxed));
+  // The shared budgets know the tiers' true combined peaks; a sum of per-pool peaks would not.
+  out.device = TierUsage{device_budget_.used(), device_budget_.peak(), device_budget_.capacity()};
+  out.host = TierUsage{host_budget_.used(), host_budget_.peak(), host_budget_.capacity()};
+  MutexLock lock(&layouts_mu_);
+  for (const auto& [page_bytes, pools] : pool_sets_) {
+    out.device_emulated = out.device_emulated || pools->device->emulated();
+    const CopyEngineStats c = pools->copier->Stats();
+    out.bytes_host_to_device += c.bytes(CopyDirection::kHostToDevice);
+    out.bytes_device_to_host += c.bytes(CopyDirection::kDeviceToHost);
+    out.bytes_host_to_disk += c.bytes(CopyDirection::kHostToDisk);
+    out.bytes_disk_to_host += c.bytes(CopyDirection::kDiskToHost);
+    out.stall_ns += c.stall_ns;
+    out.overlapped_ns += c.overlapped_ns;
   }
-  const PagePoolStats d = device_->Stats();
-  const PagePoolStats h = host_->Stats();
-  out.device = TierUsage{d.used_bytes, d.peak_used_bytes, d.capacity_bytes};
-  out.host = TierUsage{h.used_bytes, h.peak_used_bytes, h.capacity_bytes};
-  out.device_emulated = d.emulated;
-  const CopyEngineStats c = copier_->Stats();
-  out.bytes_host_to_device = c.bytes(CopyDirection::kHostToDevice);
-  out.bytes_device_to_host = c.bytes(CopyDirection::kDeviceToHost);
-  out.bytes_host_to_disk = c.bytes(CopyDirection::kHostToDisk);
-  out.bytes_disk_to_host = c.bytes(CopyDirection::kDiskToHost);
-  out.stall_ns = c.stall_ns;
-  out.overlapped_ns = c.overlapped_ns;
   return out;
 }
 

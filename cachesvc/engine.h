@@ -1,7 +1,13 @@
 // Engine: the embeddable KV cache engine. It owns the tier pools (device, host, optional disk),
-// the copy engine that moves pages between them, and the sequences: per (sequence, layer, KV
+// the copy engines that move pages between them, and the sequences: per (sequence, layer, KV
 // head) a page table of head-wise pages (docs/engine.md). Tests, benchmarks and the gRPC daemon
 // all use it in-process.
+//
+// Page sizes. Layouts of different page sizes (ModelLayout::page_bytes()) may be registered in
+// one engine: each page size gets its own device pool, host pool and copy engine, created with
+// the first layout of that size. The pools of one tier share one byte budget (the engine's
+// device_budget_bytes / host_budget_bytes, a TierBudget), so together they never hold more than
+// it; the disk tier is one store for every page size.
 //
 // Sequences and the append rule. A sequence has a length per layer. Appends (Append, Prefill)
 // advance one layer at a time in STEPS: when every layer has the same length n, an append of T
@@ -25,8 +31,7 @@
 //
 // Errors: INVALID_ARGUMENT for bad arguments (sizes, dtype, layer), NOT_FOUND for an unknown
 // or released sequence or layout, RESOURCE_EXHAUSTED when a tier is full, FAILED_PRECONDITION
-// for an append that breaks the append rule or a layout whose page size differs from the
-// engine's.
+// for an append that breaks the append rule.
 //
 // Thread-safety: every method may be called from any thread. Calls on different sequences run
 // concurrently; calls on one sequence are serialized by its lock.
@@ -56,6 +61,7 @@
 #include "offload/device_pool.h"
 #include "offload/disk_store.h"
 #include "offload/host_pool.h"
+#include "offload/tier_budget.h"
 
 namespace headwise {
 
@@ -78,24 +84,26 @@ struct EngineOptions {
   Clock* clock = nullptr;
 };
 
-// Bytes of one pool.
+// Bytes of one tier, summed over the pools of every page size.
 struct TierUsage {
-  uint64_t used_bytes = 0;  // Slots handed out (pages plus extent spares and staging copies).
-  uint64_t peak_bytes = 0;
-  uint64_t budget_bytes = 0;  // Capacity: the budget rounded down to whole pages.
+  uint64_t used_bytes = 0;    // Slots handed out (pages plus extent spares and staging copies).
+  uint64_t peak_bytes = 0;    // Highest used_bytes of the tier as a whole.
+  uint64_t budget_bytes = 0;  // The tier's byte budget (EngineOptions), shared by its pools.
 };
 
 struct EngineStats {
   TierUsage device;
   TierUsage host;
-  // True when the device pool is host memory standing in for a GPU.
+  // True when the device pools are host memory standing in for a GPU.
   bool device_emulated = false;
   bool has_disk = false;
   // Live page payloads per tier (a page shared by forks counts once).
   int64_t device_pages = 0;
   int64_t host_pages = 0;
   int64_t disk_pages = 0;
-  // Bytes moved by the copy engine, per direction.
+  // Bytes of the live disk pages (pages of different layouts may differ in size).
+  uint64_t disk_bytes = 0;
+  // Bytes moved by the copy engines, per direction.
   uint64_t bytes_host_to_device = 0;
   uint64_t bytes_device_to_host = 0;
   uint64_t bytes_host_to_disk = 0;
@@ -134,8 +142,8 @@ struct SequenceStats {
 class Engine {
  public:
   // INVALID_ARGUMENT for zero budgets, extent_pages < 1, copy_threads < 1; errors of opening
-  // the disk store. Pools are created when the first layout is registered (its page size fixes
-  // the slot size).
+  // the disk store. The pools of a page size are created when the first layout of that page size
+  // is registered.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
   // Releases every sequence. REQUIRES: no call is in flight.
   ~Engine();
@@ -144,8 +152,8 @@ class Engine {
 
   // Registers `layout` under `name`. INVALID_ARGUMENT for an empty name or an invalid layout
   // (ValidateLayout); ALREADY_EXISTS for a name registered with a different layout (registering
-  // the same layout again is OK); FAILED_PRECONDITION when its page_bytes differs from the first
-  // registered layout's; RESOURCE_EXHAUSTED when a budget holds no page of it.
+  // the same layout again is OK); RESOURCE_EXHAUSTED when a budget holds no page of it. A layout
+  // whose page size no earlier layout has creates that page size's pools (see "Page sizes").
   absl::Status RegisterLayout(const std::string& name, const ModelLayout& layout);
 
   // A new empty sequence with a fresh 128-bit random handle. NOT_FOUND for an unknown layout
@@ -189,17 +197,24 @@ class Engine {
   absl::StatusOr<SequenceStats> GetSequenceStats(const SequenceId& seq);
   EngineStats GetStats() const;
 
-  // The layout's page bytes (the slot size of every pool); 0 before any layout is registered.
-  int64_t page_bytes() const;
-
  private:
   struct Sequence;
   struct PhysPage;
   struct HeadTable;
   struct Staging;
+  // The pools and copy engine of one page size. Created with the first layout of that size and
+  // immutable until the engine is destroyed. The copy engine is declared last so that it stops
+  // before the pools it uses are released.
+  struct PoolSet {
+    std::unique_ptr<DevicePool> device;
+    std::unique_ptr<HostPool> host;
+    std::unique_ptr<CopyEngine> copier;
+    PagePool* Pool(Tier tier) const;
+  };
   struct LayoutEntry {
     std::string name;
     ModelLayout layout;
+    PoolSet* pools = nullptr;  // The pools of layout.page_bytes(); owned by pool_sets_.
   };
   static constexpr int kNumShards = 16;
   struct Shard {
@@ -213,27 +228,29 @@ class Engine {
   absl::StatusOr<std::shared_ptr<Sequence>> Find(const SequenceId& id);
   absl::Status CheckLive(const Sequence& s) const;
   absl::StatusOr<SequenceId> Insert(std::shared_ptr<Sequence> s);
-  PagePool* Pool(Tier tier) const;
+  // The pools of `page_bytes`, created on first use. REQUIRES: the page size is valid.
+  absl::StatusOr<PoolSet*> PoolsFor(int64_t page_bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(layouts_mu_);
 
-  // Page lifetime and slots. The REQUIRES on the sequence lock are stated in engine.cc.
+  // Page lifetime and slots. The REQUIRES on the sequence lock are stated in engine.cc. A page
+  // lives in the pools of its sequence's page size (`pools`).
   PhysPage* NewPage(Tier tier, uint64_t slot);
-  void Unref(PhysPage* page);
-  void ReleaseArena(HeadTable& table);
+  void Unref(const PoolSet& pools, PhysPage* page);
+  void ReleaseArena(const PoolSet& pools, HeadTable& table);
   void ReleaseAllPages(Sequence& s);
   absl::StatusOr<uint64_t> TakeSlot(Sequence& s, HeadTable& table, Tier tier, size_t protect_begin,
                                     size_t protect_end);
   absl::Status SpillColdest(Sequence& s, int64_t count, size_t protect_begin, size_t protect_end);
   absl::Status EnsureInMemory(Sequence& s, HeadTable& table, size_t index, size_t protect_begin,
                               size_t protect_end);
-  void FreeSlot(Tier tier, uint64_t slot);
+  static void FreeSlot(const PoolSet& pools, Tier tier, uint64_t slot);
 
   // Staging of heads [h_begin, h_end) of `layer` on the device, pages [page_begin, page_end) of
   // each (clamped to the head's pages); see engine.cc.
   absl::Status Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
                      int protect_from_head, Staging& out, size_t page_begin = 0,
                      size_t page_end = SIZE_MAX);
-  absl::Status WaitStaged(Staging& staging);
-  void Unstage(Staging& staging);
+  static absl::Status WaitStaged(Staging& staging);
+  static void Unstage(Staging& staging);
 
   absl::Status ValidateAppend(const Sequence& s, int layer, int64_t k_bytes, int64_t v_bytes,
                               int num_tokens, DType dtype) const;
@@ -247,23 +264,23 @@ class Engine {
   const EngineOptions options_;
   Clock* const clock_;
   std::unique_ptr<DiskStore> disk_;
+  // The byte budgets of the device and host tiers, charged by the pools of every page size.
+  TierBudget device_budget_;
+  TierBudget host_budget_;
 
   mutable Mutex layouts_mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<const LayoutEntry>> layouts_
       ABSL_GUARDED_BY(layouts_mu_);
-  // Created with the first layout; immutable afterwards (published under layouts_mu_, read
-  // through pools_ready_).
-  std::unique_ptr<DevicePool> device_;
-  std::unique_ptr<HostPool> host_;
-  std::unique_ptr<CopyEngine> copier_;
-  std::atomic<bool> pools_ready_{false};
-  int64_t page_bytes_ ABSL_GUARDED_BY(layouts_mu_) = 0;
+  // page bytes -> its pools. Entries are only added; a PoolSet stays at its address until the
+  // engine is destroyed, so sequences use it without layouts_mu_.
+  absl::flat_hash_map<int64_t, std::unique_ptr<PoolSet>> pool_sets_ ABSL_GUARDED_BY(layouts_mu_);
 
   std::array<Shard, kNumShards> shards_;
   Mutex bitgen_mu_;
   absl::BitGen bitgen_ ABSL_GUARDED_BY(bitgen_mu_);
 
   std::atomic<int64_t> live_pages_[3] = {0, 0, 0};
+  std::atomic<int64_t> disk_bytes_{0};
   std::atomic<int64_t> num_sequences_{0};
   std::atomic<int64_t> evicted_pages_{0};
   std::atomic<int64_t> spilled_pages_{0};

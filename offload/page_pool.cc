@@ -29,6 +29,7 @@ PagePool::PagePool(Tier tier, const PagePoolOptions& options, uint64_t num_slots
       num_slots_(num_slots),
       extent_pages_(options.extent_pages),
       base_(memory.base),
+      shared_budget_(options.shared_budget),
       host_accessible_(memory.host_accessible),
       emulated_(memory.emulated),
       allocator_(num_slots) {}
@@ -45,6 +46,15 @@ absl::StatusOr<Extent> PagePool::AllocateLocked(uint64_t num_slots,
   if (!extent.ok()) {
     ++failed_allocations_;
     return extent.status();
+  }
+  if (shared_budget_ != nullptr &&
+      !shared_budget_->TryCharge(extent->num_slots * static_cast<uint64_t>(slot_bytes_))) {
+    // Just allocated, so this cannot fail.
+    (void)allocator_.Free(*extent);
+    ++failed_allocations_;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "shared budget of ", shared_budget_->capacity(), " bytes (", shared_budget_->used(),
+        " used) cannot take ", num_slots, " more slots of ", slot_bytes_, " bytes"));
   }
   ++allocations_;
   peak_used_slots_ = std::max(peak_used_slots_, allocator_.used_slots());
@@ -63,7 +73,11 @@ absl::StatusOr<Extent> PagePool::GrowExtent(const Extent& previous, uint64_t num
 
 absl::Status PagePool::Free(const Extent& extent) {
   MutexLock lock(&mu_);
-  return allocator_.Free(extent);
+  absl::Status status = allocator_.Free(extent);
+  if (status.ok() && shared_budget_ != nullptr) {
+    shared_budget_->Release(extent.num_slots * static_cast<uint64_t>(slot_bytes_));
+  }
+  return status;
 }
 
 PagePoolStats PagePool::Stats() const {

@@ -5,6 +5,8 @@
 // Budget contract: the pool's memory is reserved once at creation (capacity_bytes =
 // floor(budget_bytes / slot_bytes) * slot_bytes) and never grows, so used bytes can never pass
 // the budget: an allocation that does not fit returns RESOURCE_EXHAUSTED and changes nothing.
+// A pool may also charge a TierBudget shared with other pools (PagePoolOptions::shared_budget):
+// an allocation must then fit both, and Free returns the bytes to both.
 //
 // Thread-safety: every method may be called from any thread concurrently. Reading or writing
 // the bytes of a slot is not synchronized by the pool: whoever holds an extent owns its bytes.
@@ -23,6 +25,7 @@
 #include "cachesvc/base/mutex.h"
 #include "offload/extent.h"
 #include "offload/internal/extent_allocator.h"
+#include "offload/tier_budget.h"
 
 namespace headwise {
 
@@ -36,6 +39,10 @@ struct PagePoolOptions {
   uint64_t budget_bytes = uint64_t{256} << 20;
   // Slots per extent when AllocateExtent is called without a count. Default: 16.
   uint64_t extent_pages = 16;
+  // A budget shared with other pools of the tier (not owned; must outlive the pool). Every
+  // allocation is charged to it in addition to this pool's own budget, and a charge it refuses
+  // is RESOURCE_EXHAUSTED with nothing allocated. Default: nullptr (only the pool's own budget).
+  TierBudget* shared_budget = nullptr;
 };
 
 struct PagePoolStats {
@@ -83,7 +90,8 @@ class PagePool {
   }
 
   // Allocates `num_slots` consecutive slots (0 means default_extent_pages()), first-fit.
-  // RESOURCE_EXHAUSTED when no free run is long enough (the budget is full or fragmented);
+  // RESOURCE_EXHAUSTED when no free run is long enough (the budget is full or fragmented) or the
+  // shared budget refuses the bytes;
   // INVALID_ARGUMENT when num_slots exceeds the pool. The caller owns the extent until Free.
   absl::StatusOr<Extent> AllocateExtent(uint64_t num_slots = 0);
 
@@ -118,6 +126,7 @@ class PagePool {
   const uint64_t num_slots_;
   const uint64_t extent_pages_;
   std::byte* const base_;
+  TierBudget* const shared_budget_;
   const bool host_accessible_;
   const bool emulated_;
 

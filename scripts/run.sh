@@ -47,10 +47,10 @@ section "client session: register a layout, create a sequence, append, attend"
 
 if [ -f "$model_dir/stories260K.bin" ]; then
   section "a story from stories260K, its KV cache held by headwised"
-  # 64-token pages: 4 KiB per head-page, the page size the layout above already set for this
-  # daemon (one daemon serves one page size; see docs/engine.md).
+  # Default 16-token pages (1 KiB per head-page); the daemon serves them beside the 64-token
+  # pages of the layout above (layouts of different page sizes share one daemon).
   "$bin/clients/llama2/headwise_llama2" "$model_dir/stories260K.bin" -z "$model_dir/tok512.bin" \
-    -n 256 -t 0.8 -s 42 --page-tokens 64 --target "unix:$PWD/$socket" --token "$HEADWISE_TOKEN"
+    -n 256 -t 0.8 -s 42 --target "unix:$PWD/$socket" --token "$HEADWISE_TOKEN"
 else
   section "skipping the story: $model_dir is not beside this checkout"
 fi

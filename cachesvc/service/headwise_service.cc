@@ -799,7 +799,7 @@ absl::Status HeadwiseService::DoStats(const Tenant& tenant, headwise::v1::StatsR
   add_tier("host", stats.host, false);
   if (stats.has_disk) {
     TierUsage disk;
-    disk.used_bytes = static_cast<uint64_t>(stats.disk_pages * engine_->page_bytes());
+    disk.used_bytes = stats.disk_bytes;
     add_tier("disk", disk, false);
   }
   response->set_sequences(stats.sequences);

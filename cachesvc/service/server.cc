@@ -208,7 +208,7 @@ std::string HeadwiseServer::RenderMetrics() const {
   metrics_.Render(&out);
   if (engine_ == nullptr) return out;
   const EngineStats stats = engine_->GetStats();
-  const uint64_t disk_bytes = static_cast<uint64_t>(stats.disk_pages * engine_->page_bytes());
+  const uint64_t disk_bytes = stats.disk_bytes;
   absl::StrAppend(&out,
                   "# HELP headwise_tier_bytes Bytes in use per tier.\n"
                   "# TYPE headwise_tier_bytes gauge\n",

@@ -28,8 +28,8 @@
 namespace headwise::llama2 {
 
 struct TransformerOptions {
-  // Tokens per KV page in the backend; a power of two (ModelLayout). One engine accepts only one
-  // page size (page bytes), so Transformers sharing a backend must agree. Default: 16.
+  // Tokens per KV page in the backend; a power of two (ModelLayout). Transformers sharing a
+  // backend may differ (an engine serves layouts of several page sizes). Default: 16.
   int page_tokens = 16;
   // The sequence's policy (placement, eviction such as StreamingLLM). Default: keep everything.
   headwise::v1::PolicySpec policy;

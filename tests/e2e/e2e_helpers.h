@@ -21,8 +21,7 @@ namespace headwise::testing {
 
 inline constexpr char kLayoutName[] = "e2e";
 
-// 2 layers, GQA 8 query heads over 2 KV heads, head_dim 64, f16, 16-token pages. Every suite uses
-// the same page size: a daemon's engine takes one page size (its first layout's).
+// 2 layers, GQA 8 query heads over 2 KV heads, head_dim 64, f16, 16-token pages.
 inline ModelLayout TestLayout() {
   ModelLayout layout;
   layout.num_layers = 2;

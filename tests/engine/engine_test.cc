@@ -161,10 +161,10 @@ TEST_F(EngineTest, OffloadModesMatchDeviceOnly) {
   const EngineStats stats = engine_->GetStats();
   // Two offloaded sequences staged every page of every layer at each of 4 attends.
   EXPECT_GT(stats.bytes_host_to_device, 0u);
-  EXPECT_EQ(stats.bytes_host_to_device % engine_->page_bytes(), 0u);
+  EXPECT_EQ(stats.bytes_host_to_device % layout_.page_bytes(), 0u);
   // Staging copies are released after each attend: what is left on the device is the
   // device_only sequence's pages plus at most the unused rest of one extent per head.
-  const uint64_t pb = engine_->page_bytes();
+  const uint64_t pb = layout_.page_bytes();
   EXPECT_EQ(stats.device_pages, 4 * layout_.num_kv_heads * layout_.num_layers);
   EXPECT_GE(stats.device.used_bytes, stats.device_pages * pb);
   EXPECT_LE(stats.device.used_bytes,
@@ -321,6 +321,102 @@ TEST_F(EngineTest, DeviceOnlyPastBudgetIsResourceExhaustedAndStillAttends) {
   // A smaller step still fits (2 tokens fill the partial tail pages).
   AppendStep(*seq, history, 2, 4);
   AttendAndCheck(*seq, history, 3);
+}
+
+// Layouts of different page sizes share one engine: each page size has its own pools and copy
+// engine, and the pools of a tier together stay within the tier's budget.
+TEST_F(EngineTest, TwoPageSizesShareOneEngineAndItsBudgets) {
+  const ModelLayout a = SmallLayout(DType::kF32);  // 512-byte pages.
+  ModelLayout b;
+  b.num_layers = 2;
+  b.num_q_heads = 4;
+  b.num_kv_heads = 2;
+  b.head_dim = 32;
+  b.dtype = DType::kF16;
+  b.page_tokens = 16;  // 2048-byte pages.
+  ASSERT_EQ(a.page_bytes(), 512);
+  ASSERT_EQ(b.page_bytes(), 2048);
+  EngineOptions options;
+  options.extent_pages = 1;  // No spare slots: every page is charged when it is written.
+  options.device_budget_bytes = 48 * a.page_bytes();
+  MakeEngine(options, a);
+  ASSERT_TRUE(engine_->RegisterLayout("big", b).ok());
+  ASSERT_TRUE(engine_->RegisterLayout("big", b).ok());
+
+  // Every placement works for both page sizes, side by side.
+  for (auto mode : {headwise::v1::Placement::DEVICE_ONLY, headwise::v1::Placement::LAYER_OFFLOAD,
+                    headwise::v1::Placement::HEAD_OFFLOAD}) {
+    SCOPED_TRACE(mode);
+    auto sa = engine_->CreateSequence("small", Spec(mode));
+    auto sb = engine_->CreateSequence("big", Spec(mode));
+    ASSERT_TRUE(sa.ok() && sb.ok());
+    KvHistory ha(a), hb(b);
+    uint32_t seed = 50;
+    for (int tokens : {3, 2, 1}) {  // 24 small pages and 4 big ones: 20 of the 24 KiB.
+      layout_ = a;
+      AppendStep(*sa, ha, tokens, seed++);
+      layout_ = b;
+      AppendStep(*sb, hb, tokens * 2, seed++);
+      layout_ = a;
+      AttendAndCheck(*sa, ha, seed++);
+      layout_ = b;
+      AttendAndCheck(*sb, hb, seed++);
+    }
+    ASSERT_TRUE(engine_->Release(*sa).ok());
+    ASSERT_TRUE(engine_->Release(*sb).ok());
+  }
+  EngineStats stats = engine_->GetStats();
+  EXPECT_EQ(stats.device.used_bytes, 0u);
+  EXPECT_EQ(stats.host.used_bytes, 0u);
+  EXPECT_GT(stats.bytes_host_to_device, 0u);
+  EXPECT_EQ(stats.device.budget_bytes, options.device_budget_bytes);
+
+  // Fill the device tier from both layouts: the small layout takes what the big one left.
+  const headwise::v1::PolicySpec device_only = Spec(headwise::v1::Placement::DEVICE_ONLY);
+  auto sb = engine_->CreateSequence("big", device_only);
+  auto sa = engine_->CreateSequence("small", device_only);
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  KvHistory ha(a), hb(b);
+  layout_ = b;
+  AppendStep(*sb, hb, 16, 1);  // 2 layers * 2 heads * 1 page of 2 KiB: 8 KiB.
+  layout_ = a;
+  absl::Status failed;
+  for (uint32_t step = 0; step < 100 && failed.ok(); ++step) {
+    for (int l = 0; l < a.num_layers; ++l) {
+      const KvChunk c = ha.MakeChunk(4, 100 + step * 7 + l);  // 4 heads * 1 page of 512 B.
+      failed = engine_->Append(*sa, LayerId(l), c.k, c.v, 4, a.dtype);
+      ExpectWithinBudgets(*engine_);
+      if (!failed.ok()) break;
+      ha.Record(l, c);
+    }
+  }
+  EXPECT_EQ(failed.code(), absl::StatusCode::kResourceExhausted) << failed;
+  // 8 KiB of big pages + 32 small pages (steps 1, 2 and layers 0, 1 of step 3) fill 24 KiB.
+  stats = engine_->GetStats();
+  EXPECT_EQ(stats.device.used_bytes, options.device_budget_bytes);
+  EXPECT_EQ(stats.device.peak_bytes, options.device_budget_bytes);
+  auto ssa = engine_->GetSequenceStats(*sa);
+  ASSERT_TRUE(ssa.ok());
+  EXPECT_EQ(ssa->layer_lengths, (std::vector<int64_t>{12, 12, 8}));
+  // The big layout's pool is far from its own budget, but the shared one is full.
+  layout_ = b;
+  const KvChunk c = hb.MakeChunk(16, 77);
+  EXPECT_EQ(engine_->Append(*sb, LayerId(0), c.k, c.v, 16, b.dtype).code(),
+            absl::StatusCode::kResourceExhausted);
+  ExpectWithinBudgets(*engine_);
+  // Both sequences still attend exactly what they hold.
+  AttendAndCheck(*sb, hb, 8);
+  layout_ = a;
+  AttendAndCheck(*sa, ha, 9);
+
+  // Releasing the small sequence makes room for the big one again.
+  ASSERT_TRUE(engine_->Release(*sa).ok());
+  layout_ = b;
+  AppendStep(*sb, hb, 16, 2);
+  AttendAndCheck(*sb, hb, 10);
+  stats = engine_->GetStats();
+  EXPECT_EQ(stats.device.used_bytes, 8u * b.page_bytes());
+  EXPECT_EQ(stats.device.peak_bytes, options.device_budget_bytes);
 }
 
 TEST_F(EngineTest, ForkSharesPagesAndCopyOnWriteKeepsParent) {
@@ -504,8 +600,19 @@ TEST_F(EngineTest, BadInputsGiveTheRightCodes) {
   EXPECT_EQ(engine_->RegisterLayout("bad", bad).code(), absl::StatusCode::kInvalidArgument);
   ModelLayout other = layout_;
   other.page_tokens = 8;
-  EXPECT_EQ(engine_->RegisterLayout("other", other).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(engine_->RegisterLayout("small", other).code(), absl::StatusCode::kAlreadyExists);
+  {
+    // A second page size is fine, unless a budget holds no page of it.
+    EngineOptions tiny;
+    tiny.device_budget_bytes = layout_.page_bytes();
+    auto engine = Engine::Create(tiny);
+    ASSERT_TRUE(engine.ok());
+    EXPECT_TRUE((*engine)->RegisterLayout("small", layout_).ok());
+    EXPECT_EQ((*engine)->RegisterLayout("other", other).code(),
+              absl::StatusCode::kResourceExhausted);
+    EXPECT_EQ((*engine)->CreateSequence("other", spec).status().code(),
+              absl::StatusCode::kNotFound);
+  }
   EXPECT_TRUE(engine_->RegisterLayout("small", layout_).ok());
   headwise::v1::PolicySpec bad_spec = spec;
   bad_spec.mutable_placement()->set_device_head_groups(0);

@@ -34,7 +34,7 @@ class Stories260KTest : public ::testing::Test {
     ASSERT_EQ(reference_.size(), 256u);
   }
 
-  // A fresh in-process engine per call: one engine serves one page size.
+  // A fresh in-process engine per call, so each test's stats start at zero.
   std::unique_ptr<EmbeddedBackend> NewBackend() {
     absl::StatusOr<std::unique_ptr<EmbeddedBackend>> b = EmbeddedBackend::Create({});
     EXPECT_TRUE(b.ok()) << b.status();

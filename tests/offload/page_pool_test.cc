@@ -2,6 +2,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <random>
 #include <set>
@@ -12,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "offload/device_pool.h"
 #include "offload/host_pool.h"
+#include "offload/tier_budget.h"
 #include "tests/offload/offload_fixtures.h"
 
 namespace headwise {
@@ -114,6 +116,121 @@ TEST(PagePoolTest, HostPoolNeverExceedsBudget) {
 
 TEST(PagePoolTest, DevicePoolNeverExceedsBudget) {
   FillToBudgetThenOneMore<DevicePool, DevicePoolOptions>();
+}
+
+// Two pools of different slot sizes charging one TierBudget never hold more than it together,
+// checked after every operation; a refused charge allocates nothing, and frees return the bytes.
+TEST(PagePoolTest, PoolsSharingATierBudgetNeverExceedItTogether) {
+  constexpr uint64_t kBudget = 40 * kSlot;
+  TierBudget budget(kBudget);
+  DevicePoolOptions small;
+  small.pool = SmallPool(40, 2);  // 40 slots of 4 KiB: its own budget is the whole tier.
+  small.pool.shared_budget = &budget;
+  DevicePoolOptions large;
+  large.pool.slot_bytes = 4 * kSlot;  // 10 slots of 16 KiB.
+  large.pool.budget_bytes = kBudget;
+  large.pool.extent_pages = 1;
+  large.pool.shared_budget = &budget;
+  auto a = *DevicePool::Create(small);
+  auto b = *DevicePool::Create(large);
+  const auto check = [&] {
+    const uint64_t used = a->Stats().used_bytes + b->Stats().used_bytes;
+    EXPECT_EQ(budget.used(), used);
+    EXPECT_LE(used, kBudget);
+    EXPECT_LE(budget.peak(), kBudget);
+  };
+
+  std::mt19937 rng(7);
+  std::vector<std::pair<PagePool*, Extent>> live;
+  int refused = 0;
+  for (int op = 0; op < 2000; ++op) {
+    if (!live.empty() && rng() % 3 == 0) {
+      const size_t i = rng() % live.size();
+      const uint64_t before = budget.used();
+      const auto [pool, extent] = live[i];
+      ASSERT_TRUE(pool->Free(extent).ok());
+      EXPECT_EQ(budget.used(), before - extent.num_slots * pool->slot_bytes());
+      live.erase(live.begin() + static_cast<ptrdiff_t>(i));
+    } else {
+      PagePool* pool = rng() % 2 == 0 ? static_cast<PagePool*>(a.get()) : b.get();
+      const uint64_t before_budget = budget.used();
+      const uint64_t before_pool = pool->Stats().used_bytes;
+      absl::StatusOr<Extent> e = pool->AllocateExtent(1 + rng() % 3);
+      if (e.ok()) {
+        live.emplace_back(pool, *e);
+      } else {
+        ASSERT_EQ(e.status().code(), absl::StatusCode::kResourceExhausted) << e.status();
+        EXPECT_EQ(budget.used(), before_budget);
+        EXPECT_EQ(pool->Stats().used_bytes, before_pool);
+        ++refused;
+      }
+    }
+    check();
+  }
+  EXPECT_GT(refused, 0);
+  EXPECT_GE(budget.peak(), budget.used());
+
+  // Fill the tier with large pages: the small pool, far from its own budget, is refused.
+  for (const auto& [pool, extent] : live) ASSERT_TRUE(pool->Free(extent).ok());
+  live.clear();
+  EXPECT_EQ(budget.used(), 0u);
+  std::vector<Extent> large_extents;
+  for (int i = 0; i < 10; ++i) large_extents.push_back(*b->AllocateExtent(1));
+  check();
+  EXPECT_EQ(budget.used(), kBudget);
+  const uint64_t failed = a->Stats().failed_allocations;
+  EXPECT_EQ(a->AllocateExtent(1).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(a->Stats().used_bytes, 0u);
+  EXPECT_EQ(a->Stats().failed_allocations, failed + 1);
+  // Freeing one large page makes room for exactly four small ones.
+  ASSERT_TRUE(b->Free(large_extents.back()).ok());
+  large_extents.pop_back();
+  Extent four = *a->AllocateExtent(4);
+  EXPECT_EQ(a->AllocateExtent(1).status().code(), absl::StatusCode::kResourceExhausted);
+  check();
+  // A partial free returns its part of the budget.
+  ASSERT_TRUE(a->Free(Extent{four.first_slot, 1}).ok());
+  EXPECT_EQ(budget.used(), kBudget - kSlot);
+  ASSERT_TRUE(a->Free(Extent{four.first_slot + 1, 3}).ok());
+  for (const Extent& e : large_extents) ASSERT_TRUE(b->Free(e).ok());
+  EXPECT_EQ(budget.used(), 0u);
+  EXPECT_EQ(budget.peak(), kBudget);
+}
+
+TEST(PagePoolTest, ConcurrentPoolsSharingATierBudgetStayWithinIt) {
+  constexpr uint64_t kBudget = 24 * kSlot;
+  TierBudget budget(kBudget);
+  HostPoolOptions small;
+  small.pool = SmallPool(24, 1);
+  small.pool.shared_budget = &budget;
+  HostPoolOptions large = small;
+  large.pool.slot_bytes = 2 * kSlot;
+  auto a = *HostPool::Create(small);
+  auto b = *HostPool::Create(large);
+  std::vector<std::thread> threads;
+  std::atomic<bool> over{false};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      PagePool* pool = t % 2 == 0 ? static_cast<PagePool*>(a.get()) : b.get();
+      std::vector<Extent> mine;
+      for (int i = 0; i < 2000; ++i) {
+        if (mine.size() < 6) {
+          absl::StatusOr<Extent> e = pool->AllocateExtent(1 + i % 2);
+          if (e.ok()) mine.push_back(*e);
+        } else {
+          (void)pool->Free(mine.front());
+          mine.erase(mine.begin());
+        }
+        if (budget.used() > kBudget) over = true;
+      }
+      for (const Extent& e : mine) (void)pool->Free(e);
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  EXPECT_FALSE(over);
+  EXPECT_LE(budget.peak(), kBudget);
+  EXPECT_EQ(budget.used(), 0u);
+  EXPECT_EQ(a->Stats().used_bytes + b->Stats().used_bytes, 0u);
 }
 
 TEST(PagePoolTest, GrowExtentKeepsASequenceContiguous) {

@@ -57,8 +57,8 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     layers, q_heads, kv_heads, head_dim = 2, 8, 2, 64
     with headwise.Client(args.target, token=args.token) as client:
-        # All layouts of one daemon share one page size (page_tokens * head_dim * 4 bytes * 2
-        # for K and V): 16 f32 tokens of 64 elements is 8 KiB.
+        # Pages of page_tokens * head_dim * 4 bytes * 2 (K and V): 16 f32 tokens of 64 elements
+        # is 8 KiB. A daemon serves layouts of any page size side by side.
         layout = client.register_layout("numpy-attention-example", layers, q_heads, kv_heads,
                                         head_dim, dtype="f32", page_tokens=args.page_tokens)
         seq = client.create_sequence("numpy-attention-example")

@@ -80,9 +80,8 @@ def unique(name):
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
-# GQA group 4: 8 query heads over 2 KV heads. One daemon's layouts must share one page size
-# (page_tokens x head_dim x dtype size x 2 for K and V; FAILED_PRECONDITION otherwise): 8 KiB
-# here, which is 16 tokens in f32 and 32 in f16/bf16, so the appends cross pages.
+# GQA group 4: 8 query heads over 2 KV heads. Pages of 8 KiB (page_tokens x head_dim x dtype size
+# x 2 for K and V): 16 tokens in f32 and 32 in f16/bf16, so the appends cross pages.
 PAGE_BYTES = 8192
 
 
