@@ -6,15 +6,6 @@
 #include "cachesvc/base/status_macros.h"
 
 namespace headwise::llama2 {
-namespace {
-
-absl::Span<const std::byte> AsBytes(absl::Span<const float> values) {
-  return absl::MakeConstSpan(reinterpret_cast<const std::byte*>(values.data()),
-                             values.size() * sizeof(float));
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<EmbeddedBackend>> EmbeddedBackend::Create(
     const EngineOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(options));

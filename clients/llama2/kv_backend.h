@@ -10,6 +10,7 @@
 #ifndef HEADWISE_CLIENTS_LLAMA2_KV_BACKEND_H_
 #define HEADWISE_CLIENTS_LLAMA2_KV_BACKEND_H_
 
+#include <cstddef>
 #include <string>
 
 #include "absl/status/status.h"
@@ -50,6 +51,12 @@ class KvBackend {
   // Human-readable statistics of the backend and of `seq` (pages, bytes, evictions), for logs.
   virtual absl::StatusOr<std::string> DescribeStats(const SequenceId& seq) = 0;
 };
+
+// The bytes of f32 values, as the backends hand K/V (the model's dtype is f32) to Headwise.
+inline absl::Span<const std::byte> AsBytes(absl::Span<const float> values) {
+  return absl::MakeConstSpan(reinterpret_cast<const std::byte*>(values.data()),
+                             values.size() * sizeof(float));
+}
 
 }  // namespace headwise::llama2
 
