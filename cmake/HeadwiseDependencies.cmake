@@ -11,6 +11,7 @@ find_package(benchmark CONFIG REQUIRED)
 find_package(Threads REQUIRED)
 find_package(RocksDB CONFIG REQUIRED)
 find_package(spdlog CONFIG REQUIRED)
+find_package(nlohmann_json CONFIG REQUIRED)
 # cpp-httplib: Debian builds it as a library (libcpp-httplib.so) and ships no CMake config.
 find_path(HTTPLIB_INCLUDE_DIR httplib.h REQUIRED)
 find_library(HTTPLIB_LIBRARY cpp-httplib REQUIRED)

@@ -27,7 +27,7 @@ packages=(
   build-essential cmake pkg-config git python3 python3-venv
   libabsl-dev libhwy-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  librocksdb-dev libspdlog-dev nlohmann-json3-dev libcpp-httplib-dev libxxhash-dev
+  librocksdb-dev libspdlog-dev nlohmann-json3-dev libcpp-httplib-dev
 )
 
 missing=()
