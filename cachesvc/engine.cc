@@ -310,12 +310,20 @@ void Engine::FreeSlot(const PoolSet& pools, Tier tier, uint64_t slot) {
   (void)pools.Pool(tier)->Free(Extent{slot, 1});
 }
 
+void Engine::DeleteDiskPage(const PageKey& key) {
+  // The page is already gone from the engine's view either way; a failed delete only leaves its
+  // bytes behind in RocksDB, which the stats report.
+  if (!disk_->DeletePage(key).ok()) {
+    disk_delete_failures_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
 void Engine::Unref(const PoolSet& pools, PhysPage* page) {
   if (page->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   live_pages_[static_cast<int>(page->tier)].fetch_sub(1, std::memory_order_relaxed);
   if (page->tier == Tier::kDisk) {
     disk_bytes_.fetch_sub(pools.host->slot_bytes(), std::memory_order_relaxed);
-    (void)disk_->DeletePage(page->disk_key);
+    DeleteDiskPage(page->disk_key);
   } else {
     FreeSlot(pools, page->tier, page->slot);
   }
@@ -484,7 +492,7 @@ absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
   }
   fetched_pages_.fetch_add(1, std::memory_order_relaxed);
   if (page->exclusive()) {
-    (void)disk_->DeletePage(page->disk_key);
+    DeleteDiskPage(page->disk_key);
     live_pages_[static_cast<int>(Tier::kDisk)].fetch_sub(1, std::memory_order_relaxed);
     live_pages_[static_cast<int>(Tier::kHost)].fetch_add(1, std::memory_order_relaxed);
     disk_bytes_.fetch_sub(pools.host->slot_bytes(), std::memory_order_relaxed);
@@ -1096,7 +1104,6 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
     return absl::InvalidArgumentError(
         absl::StrCat("new_length ", new_length, " must be in [0, ", length, "]"));
   }
-  const int P = s->layout().page_tokens;
   ++s->step;
   for (HeadTable& t : s->heads) {
     size_t keep = 0;
@@ -1112,7 +1119,6 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
         last.key_min.clear();  // Bounds are kept only for full pages.
         last.key_max.clear();
       }
-      (void)P;
     }
   }
   for (int64_t& len : s->layer_len) len = new_length;
@@ -1163,6 +1169,7 @@ EngineStats Engine::GetStats() const {
   out.spilled_pages = spilled_pages_.load(std::memory_order_relaxed);
   out.fetched_pages = fetched_pages_.load(std::memory_order_relaxed);
   out.cow_copies = cow_copies_.load(std::memory_order_relaxed);
+  out.disk_delete_failures = disk_delete_failures_.load(std::memory_order_relaxed);
   out.disk_bytes = static_cast<uint64_t>(disk_bytes_.load(std::memory_order_relaxed));
   // The shared budgets know the tiers' true combined peaks; a sum of per-pool peaks would not.
   out.device = TierUsage{device_budget_.used(), device_budget_.peak(), device_budget_.capacity()};

@@ -117,6 +117,9 @@ struct EngineStats {
   int64_t spilled_pages = 0;
   int64_t fetched_pages = 0;
   int64_t cow_copies = 0;
+  // Disk pages that could not be deleted when they were freed or fetched back: their bytes stay
+  // in the RocksDB store until it is wiped (the daemon wipes its spill store at start).
+  int64_t disk_delete_failures = 0;
 };
 
 struct SequenceStats {
@@ -235,6 +238,8 @@ class Engine {
   // lives in the pools of its sequence's page size (`pools`).
   PhysPage* NewPage(Tier tier, uint64_t slot);
   void Unref(const PoolSet& pools, PhysPage* page);
+  // Deletes a page from the disk tier; a failure is counted in disk_delete_failures.
+  void DeleteDiskPage(const PageKey& key);
   void ReleaseArena(const PoolSet& pools, HeadTable& table);
   void ReleaseAllPages(Sequence& s);
   absl::StatusOr<uint64_t> TakeSlot(Sequence& s, HeadTable& table, Tier tier, size_t protect_begin,
@@ -286,6 +291,7 @@ class Engine {
   std::atomic<int64_t> spilled_pages_{0};
   std::atomic<int64_t> fetched_pages_{0};
   std::atomic<int64_t> cow_copies_{0};
+  std::atomic<int64_t> disk_delete_failures_{0};
   std::atomic<uint32_t> next_disk_ordinal_{0};
 };
 
