@@ -1,5 +1,7 @@
 #include "cachesvc/engine.h"
 
+#include "cachesvc/engine_internal.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -10,85 +12,10 @@
 #include "cachesvc/base/status_macros.h"
 #include "cachesvc/placement.h"
 #include "kernels/attention.h"
-#include "policies/eviction.h"
-#include "policies/head_roles.h"
 #include "policies/page_meta.h"
+#include "policies/policy_stack.h"
 
 namespace headwise {
-
-// One page payload, shared by the page tables of forked sequences. `refs` counts them. Its
-// location (tier, slot, disk_key) changes only while refs == 1, under the lock of the one
-// sequence that references it; the acquire load of refs orders that change after every other
-// sequence's last read (their release decrement).
-struct Engine::PhysPage {
-  std::atomic<int32_t> refs{1};
-  Tier tier = Tier::kHost;
-  uint64_t slot = 0;
-  PageKey disk_key;
-
-  bool exclusive() const { return refs.load(std::memory_order_acquire) == 1; }
-};
-
-// The page table of one (sequence, layer, kv head): metadata as policies see it, the payloads,
-// and the spare slots of the extent the head's pages are being taken from.
-struct Engine::HeadTable {
-  std::vector<PageMeta> meta;
-  std::vector<PhysPage*> phys;
-  Tier arena_tier = Tier::kHost;
-  Extent arena;
-  uint64_t arena_next = 0;  // Spare slots: [arena_next, arena.end_slot()).
-  bool has_arena = false;
-  int64_t tokens() const {
-    int64_t n = 0;
-    for (const PageMeta& m : meta) n += m.token_count;
-    return n;
-  }
-};
-
-struct Engine::Sequence {
-  Mutex mu;
-  SequenceId id;
-  std::shared_ptr<const LayoutEntry> layout_entry;
-  headwise::v1::PolicySpec spec;
-  PlacementSpec placement;
-  HeadRoles roles;
-  std::unique_ptr<EvictionPolicy> eviction ABSL_GUARDED_BY(mu);
-  bool released ABSL_GUARDED_BY(mu) = false;
-  std::vector<int64_t> layer_len ABSL_GUARDED_BY(mu);
-  std::vector<HeadTable> heads ABSL_GUARDED_BY(mu);  // [layer * num_kv_heads + head].
-  int64_t step ABSL_GUARDED_BY(mu) = 0;
-  int64_t evicted_pages ABSL_GUARDED_BY(mu) = 0;
-
-  const ModelLayout& layout() const { return layout_entry->layout; }
-  const PoolSet& pools() const { return *layout_entry->pools; }
-  HeadTable& table(int layer, int head) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    return heads[static_cast<size_t>(layer) * layout().num_kv_heads + head];
-  }
-  int64_t length() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    return *std::min_element(layer_len.begin(), layer_len.end());
-  }
-};
-
-// Device-resident pages of some heads of one layer, as a CSR view. For device_only the view
-// points at the pages themselves; otherwise at staging copies in `extents`.
-struct Engine::Staging {
-  const PoolSet* pools = nullptr;  // Set by Stage.
-  int h_begin = 0;
-  int h_end = 0;
-  std::vector<int32_t> indptr;
-  std::vector<int32_t> indices;
-  std::vector<int32_t> last_page_len;
-  std::vector<Extent> extents;
-  std::vector<CopyTicket> tickets;
-  // The first failure reported by a move callback; shared with the callbacks, so a Staging may
-  // be moved while its copies run.
-  struct CopyState {
-    Mutex mu;
-    absl::Status status ABSL_GUARDED_BY(mu);
-  };
-  std::shared_ptr<CopyState> copy_state = std::make_shared<CopyState>();
-  bool active = false;
-};
 
 namespace {
 
@@ -105,7 +32,6 @@ int64_t PagesFor(int64_t tokens, int page_tokens) {
 
 Engine::Engine(const EngineOptions& options)
     : options_(options),
-      clock_(options.clock != nullptr ? options.clock : Clock::Real()),
       device_budget_(options.device_budget_bytes),
       host_budget_(options.host_budget_bytes) {}
 
@@ -264,10 +190,11 @@ absl::StatusOr<SequenceId> Engine::CreateSequence(const std::string& layout_name
   s->layout_entry = entry;
   s->spec = spec;
   ASSIGN_OR_RETURN(s->placement, ResolvePlacement(spec));
-  ASSIGN_OR_RETURN(s->roles, ResolveHeadRoles(spec.head_roles(), entry->layout));
   {
     MutexLock lock(&s->mu);
-    ASSIGN_OR_RETURN(s->eviction, CreateEvictionPolicy(spec));
+    ASSIGN_OR_RETURN(s->stack,
+                     PolicyStack::Create(spec, StackEnv{&entry->layout, options_.patterns}));
+    s->wants_stats = s->stack->scorer() != nullptr;
     s->layer_len.assign(entry->layout.num_layers, 0);
     s->heads.resize(static_cast<size_t>(entry->layout.num_layers) * entry->layout.num_kv_heads);
     for (HeadTable& t : s->heads) t.arena_tier = s->placement.home_tier();
@@ -461,7 +388,8 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_beg
     disk_bytes_.fetch_add(pools.host->slot_bytes(), std::memory_order_relaxed);
     p.page->tier = Tier::kDisk;
     p.page->disk_key = p.key;
-    p.meta->id = PageId(Tier::kDisk, p.key.ordinal);
+    s.Track(Tier::kHost, -1);
+    s.Track(Tier::kDisk, 1);
   }
   spilled_pages_.fetch_add(static_cast<int64_t>(pending.size()), std::memory_order_relaxed);
   return absl::OkStatus();
@@ -502,7 +430,8 @@ absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
     table.phys[index] = NewPage(Tier::kHost, slot);
     Unref(pools, page);
   }
-  table.meta[index].id = PageId(Tier::kHost, slot);
+  s.Track(Tier::kDisk, -1);
+  s.Track(Tier::kHost, 1);
   return absl::OkStatus();
 }
 
@@ -510,11 +439,13 @@ absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
 // Staging on the device.
 
 // Pages of heads [protect_from_head, h_end) of `layer` are never spilled meanwhile: they are the
-// sources of copies still in flight and the pages being staged. Only pages [page_begin, page_end)
-// of each head are staged; a range that stops before a head's last page ends with a full page.
+// sources of copies still in flight and the pages being staged. For each head the pages staged
+// are entries [page_begin, page_end) of its page list: `lists[h]` (page ordinals, ascending) when
+// `lists` is given, else every page. The view carries per-page token counts (page_len) whenever
+// a staged page other than a head's last is partial.
 absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
-                           int protect_from_head, Staging& out, size_t page_begin,
-                           size_t page_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                           int protect_from_head, Staging& out, const PageLists* lists,
+                           size_t page_begin, size_t page_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   out = Staging();
   const PoolSet& pools = s.pools();
   DevicePool* device = pools.device.get();
@@ -524,37 +455,49 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
   out.indptr.push_back(0);
   out.indices.reserve(1);  // The kernels want non-null arrays even for an empty layer.
   const bool copy = s.placement.mode != PlacementMode::kDeviceOnly;
-  int64_t total = 0;
-  const auto range = [&](const HeadTable& t) {
-    const size_t end = std::min(page_end, t.phys.size());
+  const int P = s.layout().page_tokens;
+  // The ordinal of entry i of head h's list.
+  const auto ordinal = [&](int h, size_t i) -> size_t {
+    return lists == nullptr ? i : static_cast<size_t>((*lists)[h][i]);
+  };
+  const auto range = [&](int h, const HeadTable& t) {
+    const size_t n = lists == nullptr ? t.phys.size() : (*lists)[h].size();
+    const size_t end = std::min(page_end, n);
     return std::make_pair(std::min(page_begin, end), end);
   };
+  int64_t total = 0;
+  bool sparse = false;
   for (int h = h_begin; h < h_end; ++h) {
     HeadTable& t = s.table(layer, h);
-    const auto [first, end] = range(t);
-    if (copy) {
-      for (size_t i = first; i < end; ++i) {
+    const auto [first, end] = range(h, t);
+    for (size_t i = first; i < end; ++i) {
+      const size_t p = ordinal(h, i);
+      if (copy) {
         const size_t base = static_cast<size_t>(layer) * s.layout().num_kv_heads;
-        RETURN_IF_ERROR(EnsureInMemory(s, t, i, base + protect_from_head, base + h_end));
+        RETURN_IF_ERROR(EnsureInMemory(s, t, p, base + protect_from_head, base + h_end));
       }
+      const int32_t count = t.meta[p].token_count;
+      out.page_len.push_back(count);
+      sparse = sparse || (count != P && i + 1 != end);
+      t.meta[p].last_touched_step = s.step;
     }
     total += static_cast<int64_t>(end - first);
     out.indptr.push_back(static_cast<int32_t>(total));
-    out.last_page_len.push_back(end == first           ? 0
-                                : end == t.meta.size() ? t.meta[end - 1].token_count
-                                                       : s.layout().page_tokens);
-    for (size_t i = first; i < end; ++i) t.meta[i].last_touched_step = s.step;
+    out.last_page_len.push_back(end == first ? 0 : out.page_len.back());
   }
+  if (!sparse) out.page_len.clear();
   if (!copy) {
     for (int h = h_begin; h < h_end; ++h) {
       const HeadTable& t = s.table(layer, h);
-      const auto [first, end] = range(t);
-      for (size_t i = first; i < end; ++i)
-        out.indices.push_back(static_cast<int32_t>(t.phys[i]->slot));
+      const auto [first, end] = range(h, t);
+      for (size_t i = first; i < end; ++i) {
+        out.indices.push_back(static_cast<int32_t>(t.phys[ordinal(h, i)]->slot));
+      }
     }
     out.active = true;
     return absl::OkStatus();
   }
+  RETURN_IF_ERROR(Fault("alloc.device"));
   // One device extent for the whole staging when it fits contiguously, else single slots.
   std::vector<uint64_t> dst;
   dst.reserve(total);
@@ -583,9 +526,9 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
   size_t d = 0;
   for (int h = h_begin; h < h_end; ++h) {
     const HeadTable& t = s.table(layer, h);
-    const auto [first, end] = range(t);
+    const auto [first, end] = range(h, t);
     for (size_t i = first; i < end; ++i) {
-      const PhysPage* p = t.phys[i];
+      const PhysPage* p = t.phys[ordinal(h, i)];
       MoveRequest move;
       move.direction = CopyDirection::kHostToDevice;
       move.priority = priority;
@@ -597,7 +540,9 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
         MutexLock lock(&state->mu);
         if (state->status.ok()) state->status = std::move(st);
       };
-      absl::StatusOr<CopyTicket> ticket = pools.copier->Submit(std::move(move));
+      absl::Status fault = Fault("copy.submit");
+      absl::StatusOr<CopyTicket> ticket =
+          fault.ok() ? pools.copier->Submit(std::move(move)) : absl::StatusOr<CopyTicket>(fault);
       if (!ticket.ok()) {
         Unstage(out);
         return ticket.status();
@@ -672,131 +617,6 @@ absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_byte
   return absl::OkStatus();
 }
 
-absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
-                                  int num_tokens) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  const ModelLayout& layout = s.layout();
-  const int P = layout.page_tokens;
-  const int H = layout.num_kv_heads;
-  const int64_t row_bytes = int64_t{layout.head_dim} * DTypeSize(layout.dtype);
-  const Tier home = s.placement.home_tier();
-  const PoolSet& pools = s.pools();
-  PagePool* pool = pools.Pool(home);
-  ++s.step;
-
-  // Plan: per head, whether the tail page must be copied first (shared, or not in the home
-  // tier's memory) and how many fresh pages are needed; take every slot before writing anything.
-  // No copy is in flight and partial pages never spill, so any full page may make room.
-  struct HeadPlan {
-    bool copy_tail = false;
-    int64_t fresh = 0;
-    std::vector<uint64_t> slots;  // copy_tail slot first, then fresh pages.
-  };
-  std::vector<HeadPlan> plan(H);
-  absl::Status st;
-  for (int h = 0; h < H && st.ok(); ++h) {
-    HeadTable& t = s.table(layer, h);
-    int64_t room = 0;
-    if (!t.meta.empty() && t.meta.back().token_count < P) {
-      room = P - t.meta.back().token_count;
-      PhysPage* tail = t.phys.back();
-      plan[h].copy_tail = !tail->exclusive() || tail->tier != home;
-    }
-    plan[h].fresh = PagesFor(std::max<int64_t>(0, num_tokens - room), P);
-    const int64_t need = plan[h].fresh + (plan[h].copy_tail ? 1 : 0);
-    for (int64_t i = 0; i < need; ++i) {
-      absl::StatusOr<uint64_t> slot = TakeSlot(s, t, home, /*protect_begin=*/0,
-                                               /*protect_end=*/0);
-      if (!slot.ok()) {
-        st = slot.status();
-        break;
-      }
-      plan[h].slots.push_back(*slot);
-    }
-  }
-  if (!st.ok()) {
-    for (HeadPlan& p : plan) {
-      for (uint64_t slot : p.slots) FreeSlot(pools, home, slot);
-    }
-    return st;
-  }
-
-  // Apply.
-  const int64_t start = s.layer_len[layer];
-  for (int h = 0; h < H; ++h) {
-    HeadTable& t = s.table(layer, h);
-    size_t next_slot = 0;
-    if (plan[h].copy_tail) {
-      const uint64_t slot = plan[h].slots[next_slot++];
-      PhysPage* old = t.phys.back();
-      std::byte* dst = pool->SlotAddress(slot);
-      if (old->tier == Tier::kDisk) {
-        RETURN_IF_ERROR(disk_->GetPage(old->disk_key, absl::MakeSpan(dst, pool->slot_bytes())));
-      } else {
-        std::memcpy(dst, pools.Pool(old->tier)->SlotAddress(old->slot), pool->slot_bytes());
-      }
-      t.phys.back() = NewPage(home, slot);
-      t.meta.back().id = PageId(home, slot);
-      Unref(pools, old);
-      cow_copies_.fetch_add(1, std::memory_order_relaxed);
-    }
-    for (int64_t i = 0; i < num_tokens; ++i) {
-      if (t.meta.empty() || t.meta.back().token_count == P) {
-        const uint64_t slot = plan[h].slots[next_slot++];
-        t.phys.push_back(NewPage(home, slot));
-        PageMeta m;
-        m.id = PageId(home, slot);
-        m.first_position = start + i;
-        t.meta.push_back(std::move(m));
-      }
-      PageMeta& m = t.meta.back();
-      std::byte* page = pool->SlotAddress(t.phys.back()->slot);
-      const int row = m.token_count;
-      std::memcpy(page + row * row_bytes, k + (i * H + h) * row_bytes, row_bytes);
-      std::memcpy(page + (int64_t{P} + row) * row_bytes, v + (i * H + h) * row_bytes, row_bytes);
-      ++m.token_count;
-      m.last_touched_step = s.step;
-      if (m.token_count == P) {
-        m.key_min.resize(layout.head_dim);
-        m.key_max.resize(layout.head_dim);
-        RETURN_IF_ERROR(kernels::ComputeKeyBounds(page, layout.dtype, P, P, layout.head_dim,
-                                                  m.key_min.data(), m.key_max.data()));
-      }
-    }
-    s.eviction->OnAppend(AppendEvent{LayerId(layer), HeadId(h), start, num_tokens});
-  }
-  s.layer_len[layer] += num_tokens;
-  return ApplyEviction(s, layer);
-}
-
-absl::Status Engine::ApplyEviction(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  const ModelLayout& layout = s.layout();
-  for (int h = 0; h < layout.num_kv_heads; ++h) {
-    HeadTable& t = s.table(layer, h);
-    HeadPagesView view{LayerId(layer), HeadId(h), layout.page_tokens, t.meta};
-    ASSIGN_OR_RETURN(EvictionDecision decision,
-                     s.eviction->ChooseVictims(view, s.roles.role(LayerId(layer), HeadId(h)),
-                                               s.layer_len[layer]));
-    if (decision.drop.empty()) continue;
-    std::vector<bool> drop(t.meta.size(), false);
-    for (int32_t d : decision.drop) drop[d] = true;
-    size_t w = 0;
-    for (size_t r = 0; r < t.meta.size(); ++r) {
-      if (drop[r]) {
-        Unref(s.pools(), t.phys[r]);
-        continue;
-      }
-      t.meta[w] = std::move(t.meta[r]);
-      t.phys[w] = t.phys[r];
-      ++w;
-    }
-    t.meta.resize(w);
-    t.phys.resize(w);
-    s.evicted_pages += static_cast<int64_t>(decision.drop.size());
-    evicted_pages_.fetch_add(static_cast<int64_t>(decision.drop.size()), std::memory_order_relaxed);
-  }
-  return absl::OkStatus();
-}
-
 absl::Status Engine::Append(const SequenceId& seq, LayerId layer, absl::Span<const std::byte> k,
                             absl::Span<const std::byte> v, int num_tokens, DType dtype) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
@@ -817,12 +637,14 @@ namespace {
 
 kernels::PagedKvView ViewOf(const PagePool& device, const ModelLayout& layout,
                             const std::vector<int32_t>& indptr, const std::vector<int32_t>& indices,
-                            const std::vector<int32_t>& last_page_len, int num_heads) {
+                            const std::vector<int32_t>& last_page_len,
+                            const std::vector<int32_t>& page_len, int num_heads) {
   kernels::PagedKvView kv;
   kv.pool = device.base();
   kv.indptr = indptr.data();
   kv.indices = indices.data();
   kv.last_page_len = last_page_len.data();
+  kv.page_len = page_len.empty() ? nullptr : page_len.data();
   kv.num_slots = static_cast<int64_t>(device.num_slots());
   kv.num_kv_heads = num_heads;
   kv.page_tokens = layout.page_tokens;
@@ -833,35 +655,107 @@ kernels::PagedKvView ViewOf(const PagePool& device, const ModelLayout& layout,
 
 }  // namespace
 
-absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float* o,
-                                  float* lse) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+// The page lists attention reads: every page of each head minus the whole pages `pending` is
+// about to drop. Null (every page) when nothing is pending.
+const Engine::PageLists* Engine::AttendedPages(Sequence& s, int layer,
+                                               const std::vector<HeadActions>* pending,
+                                               PageLists& storage) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (pending == nullptr) return nullptr;
+  bool any = false;
+  for (const HeadActions& a : *pending) any = any || !a.drop_pages.empty();
+  if (!any) return nullptr;
+  const int H = s.layout().num_kv_heads;
+  storage.assign(H, {});
+  for (int h = 0; h < H; ++h) {
+    const HeadTable& t = s.table(layer, h);
+    const std::vector<int32_t>& drop = (*pending)[h].drop_pages;
+    size_t d = 0;
+    for (size_t i = 0; i < t.meta.size(); ++i) {
+      if (d < drop.size() && drop[d] == static_cast<int32_t>(i)) {
+        ++d;
+        continue;
+      }
+      storage[h].push_back(static_cast<int32_t>(i));
+    }
+  }
+  return &storage;
+}
+
+// Feeds one kernel call's statistics to the stack: per-token probabilities into the token
+// scores (TokenScorer::Accumulate) and per-page mass into PageMeta::attention_mass. `staged`
+// covers heads [h_begin, h_end) of `layer` through `lists` (null: every page).
+void Engine::FeedStats(Sequence& s, int layer, const Staging& staged, const PageLists* lists,
+                       size_t page_begin) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const TokenScorer* scorer = s.stack->scorer();
+  const int P = s.layout().page_tokens;
+  for (int h = staged.h_begin; h < staged.h_end; ++h) {
+    HeadTable& t = s.table(layer, h);
+    const int k = h - staged.h_begin;
+    for (int32_t j = staged.indptr[k]; j < staged.indptr[k + 1]; ++j) {
+      const size_t entry = page_begin + static_cast<size_t>(j - staged.indptr[k]);
+      const size_t page = lists == nullptr ? entry : static_cast<size_t>((*lists)[h][entry]);
+      t.meta[page].attention_mass += s.mass_scratch[j];
+      if (scorer != nullptr) {
+        scorer->Accumulate(absl::MakeConstSpan(s.probs_scratch.data() + int64_t{j} * P, P),
+                           absl::MakeSpan(t.scores.data() + page * P, P));
+      }
+    }
+  }
+}
+
+absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float* o, float* lse,
+                                  const std::vector<HeadActions>* pending)
+    ABSL_NO_THREAD_SAFETY_ANALYSIS {
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
-  const int g = layout.group_size();
-  const int D = layout.head_dim;
-  ++s.step;
+  PageLists storage;
+  const PageLists* lists = AttendedPages(s, layer, pending, storage);
   if (s.placement.mode != PlacementMode::kHeadOffload) {
     Staging staged;
-    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, staged));
+    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, staged, lists));
     absl::Status st = WaitStaged(staged);
     if (st.ok()) {
-      kernels::DecodeArgs args;
-      args.q = q;
-      args.num_q_heads = layout.num_q_heads;
-      args.o = o;
-      args.lse = lse;
-      args.num_threads = options_.compute_threads;
-      st = kernels::DecodeAttention(
-          ViewOf(*s.pools().device, layout, staged.indptr, staged.indices, staged.last_page_len, H),
-          args);
+      st = RunDecode(s, staged, q, layout.num_q_heads, o, lse, H);
+      if (st.ok() && s.wants_stats) FeedStats(s, layer, staged, lists, 0);
     }
     Unstage(staged);
     return st;
   }
-  // HeadInfer: the layer is attended in parts, part i computing while parts i+1 .. i+ahead are
-  // being copied in. A part is one head, or, for a head longer than a device share of
-  // capacity / (1 + ahead) slots, one of the consecutive page ranges it is cut into; the parts
-  // of such a head are merged exactly (MergeAttentionStates).
+  return AttendHeadwise(s, layer, q, o, lse, lists);
+}
+
+absl::Status Engine::RunDecode(Sequence& s, const Staging& staged, const float* q, int num_q_heads,
+                               float* o, float* lse, int num_heads) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  kernels::DecodeArgs args;
+  args.q = q;
+  args.num_q_heads = num_q_heads;
+  args.o = o;
+  args.lse = lse;
+  args.num_threads = options_.compute_threads;
+  if (s.wants_stats) {
+    // Scratch kept with the sequence: no allocation per call once it has grown.
+    const size_t pages = static_cast<size_t>(staged.indptr.back());
+    s.probs_scratch.resize(std::max<size_t>(1, pages * s.layout().page_tokens));
+    s.mass_scratch.resize(std::max<size_t>(1, pages));
+    args.token_probs = s.probs_scratch.data();
+    args.page_mass = s.mass_scratch.data();
+  }
+  return kernels::DecodeAttention(ViewOf(*s.pools().device, s.layout(), staged.indptr,
+                                         staged.indices, staged.last_page_len, staged.page_len,
+                                         num_heads),
+                                  args);
+}
+
+// HeadInfer: the layer is attended in parts, part i computing while parts i+1 .. i+ahead are
+// being copied in. A part is one head, or, for a head longer than a device share of
+// capacity / (1 + ahead) slots, one of the consecutive page ranges it is cut into; the parts
+// of such a head are merged exactly (MergeAttentionStates).
+absl::Status Engine::AttendHeadwise(Sequence& s, int layer, const float* q, float* o, float* lse,
+                                    const PageLists* lists) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  const int H = layout.num_kv_heads;
+  const int g = layout.group_size();
+  const int D = layout.head_dim;
   const int ahead = s.placement.heads_ahead();
   const size_t share =
       std::max<size_t>(1, s.pools().device->num_slots() / (1 + static_cast<size_t>(ahead)));
@@ -872,8 +766,13 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
   };
   std::vector<Part> parts;
   for (int h = 0; h < H; ++h) {
-    const size_t n = s.table(layer, h).phys.size();
+    const size_t n = lists == nullptr ? s.table(layer, h).phys.size() : (*lists)[h].size();
     const size_t cuts = std::max<size_t>(1, (n + share - 1) / share);
+    if (cuts > 1 && s.wants_stats) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "head ", h, " of layer ", layer, " is longer than the device share (", share,
+          " pages): attention statistics across a split head are not supported"));
+    }
     for (size_t c = 0; c < cuts; ++c) parts.push_back(Part{h, n * c / cuts, n * (c + 1) / cuts});
   }
   std::vector<Staging> staged(parts.size());
@@ -882,7 +781,7 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
   for (size_t i = 0; i < parts.size() && st.ok(); ++i) {
     const Part& p = parts[i];
     if (!staged[i].active) {
-      st = Stage(s, layer, p.head, p.head + 1, CopyPriority::kDemandFetch, p.head, staged[i],
+      st = Stage(s, layer, p.head, p.head + 1, CopyPriority::kDemandFetch, p.head, staged[i], lists,
                  p.page_begin, p.page_end);
       if (!st.ok()) break;
     }
@@ -890,7 +789,7 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
     for (size_t j = i + 1; j < parts.size() && j <= i + ahead; ++j) {
       if (staged[j].active) continue;
       if (!Stage(s, layer, parts[j].head, parts[j].head + 1, CopyPriority::kPrefetch, p.head,
-                 staged[j], parts[j].page_begin, parts[j].page_end)
+                 staged[j], lists, parts[j].page_begin, parts[j].page_end)
                .ok()) {
         break;
       }
@@ -911,32 +810,28 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
       head_o = part_o.data() + part_o.size() - static_cast<size_t>(g) * D;
       head_lse = part_lse.data() + part_lse.size() - g;
     }
-    kernels::DecodeArgs args;
-    args.q = q + int64_t{p.head} * g * D;
-    args.num_q_heads = g;
-    args.o = head_o;
-    args.lse = head_lse;
-    args.num_threads = options_.compute_threads;
-    st = kernels::DecodeAttention(ViewOf(*s.pools().device, layout, staged[i].indptr,
-                                         staged[i].indices, staged[i].last_page_len, 1),
-                                  args);
+    st = RunDecode(s, staged[i], q + int64_t{p.head} * g * D, g, head_o, head_lse, 1);
+    if (st.ok() && s.wants_stats) FeedStats(s, layer, staged[i], lists, p.page_begin);
     Unstage(staged[i]);
-    if (st.ok() && last && !first) {
-      const int n = static_cast<int>(part_lse.size() / g);
-      std::vector<const float*> op(n), lp(n);
-      for (int k = 0; k < n; ++k) {
-        op[k] = part_o.data() + int64_t{k} * g * D;
-        lp[k] = part_lse.data() + int64_t{k} * g;
-      }
-      std::vector<float> merged_lse(g);
-      st = kernels::MergeAttentionStates(op.data(), lp.data(), n, g, D, o + int64_t{p.head} * g * D,
-                                         merged_lse.data());
-      if (st.ok() && lse != nullptr)
-        std::copy(merged_lse.begin(), merged_lse.end(), lse + p.head * g);
-    }
+    if (st.ok() && last && !first) st = MergeParts(part_o, part_lse, g, D, p.head, o, lse);
   }
   for (Staging& x : staged) Unstage(x);
   return st;
+}
+
+absl::Status Engine::MergeParts(const std::vector<float>& part_o, const std::vector<float>& part_lse,
+                                int g, int D, int head, float* o, float* lse) {
+  const int n = static_cast<int>(part_lse.size() / g);
+  std::vector<const float*> op(n), lp(n);
+  for (int k = 0; k < n; ++k) {
+    op[k] = part_o.data() + int64_t{k} * g * D;
+    lp[k] = part_lse.data() + int64_t{k} * g;
+  }
+  std::vector<float> merged_lse(g);
+  RETURN_IF_ERROR(kernels::MergeAttentionStates(op.data(), lp.data(), n, g, D,
+                                                o + int64_t{head} * g * D, merged_lse.data()));
+  if (lse != nullptr) std::copy(merged_lse.begin(), merged_lse.end(), lse + int64_t{head} * g);
+  return absl::OkStatus();
 }
 
 absl::Status Engine::Attend(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
@@ -956,7 +851,7 @@ absl::Status Engine::Attend(const SequenceId& seq, LayerId layer, absl::Span<con
                                                    layout.num_q_heads, "; got ", q.size(), ", ",
                                                    o.size(), ", ", lse.size()));
   }
-  return AttendLocked(*s, layer.value(), q.data(), o.data(), lse.data());
+  return AttendLocked(*s, layer.value(), q.data(), o.data(), lse.data(), /*pending=*/nullptr);
 }
 
 absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const std::byte* k,
@@ -968,7 +863,6 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
   const int g = layout.group_size();
   const int D = layout.head_dim;
   const int64_t T = num_tokens;
-  ++s.step;
   absl::Status st;
   if (s.placement.mode != PlacementMode::kHeadOffload) {
     Staging staged;
@@ -985,7 +879,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
       args.lse = lse;
       args.num_threads = options_.compute_threads;
       st = kernels::PrefillAttention(
-          ViewOf(*s.pools().device, layout, staged.indptr, staged.indices, staged.last_page_len, H),
+          ViewOf(*s.pools().device, layout, staged.indptr, staged.indices, staged.last_page_len, staged.page_len, H),
           args);
     }
     Unstage(staged);
@@ -1027,7 +921,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
         args.lse = lh.data();
         args.num_threads = options_.compute_threads;
         st = kernels::PrefillAttention(
-            ViewOf(*s.pools().device, layout, cur.indptr, cur.indices, cur.last_page_len, 1), args);
+            ViewOf(*s.pools().device, layout, cur.indptr, cur.indices, cur.last_page_len, cur.page_len, 1), args);
       }
       Unstage(cur);
       if (!st.ok()) break;
@@ -1065,6 +959,85 @@ absl::Status Engine::Prefill(const SequenceId& seq, LayerId layer, absl::Span<co
                        lse.empty() ? nullptr : lse.data());
 }
 
+absl::Status Engine::DecodeStepLocked(Sequence& s, int layer, absl::Span<const float> q,
+                                      absl::Span<const std::byte> k, absl::Span<const std::byte> v,
+                                      DType dtype, absl::Span<float> o, absl::Span<float> lse,
+                                      int64_t* layer_length) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  RETURN_IF_ERROR(CheckLive(s));
+  RETURN_IF_ERROR(ValidateAppend(s, layer, static_cast<int64_t>(k.size()),
+                                 static_cast<int64_t>(v.size()), /*num_tokens=*/1, dtype));
+  const ModelLayout& layout = s.layout();
+  const size_t qsize = static_cast<size_t>(layout.num_q_heads) * layout.head_dim;
+  if (q.size() != qsize || o.size() != qsize ||
+      lse.size() != static_cast<size_t>(layout.num_q_heads)) {
+    return absl::InvalidArgumentError(absl::StrCat("q and o must hold ", qsize, " floats and lse ",
+                                                   layout.num_q_heads, "; got ", q.size(), ", ",
+                                                   o.size(), ", ", lse.size()));
+  }
+  // Plan, apply, attend, then commit the stack's actions; a failure anywhere before the commit
+  // undoes the append, so a refused step leaves the sequence exactly as it was. Position-only
+  // policies (windows) decide before the attention, which then skips the pages they drop, as
+  // Append + Attend would; score policies (H2O) decide after it, on scores that include it.
+  AppendPlan plan;
+  RETURN_IF_ERROR(PlanAppend(s, layer, /*num_tokens=*/1, plan));
+  ApplyAppend(s, plan, k.data(), v.data());
+  std::vector<HeadActions> actions;
+  const bool decide_after = s.stack->actions().uses_scores();
+  absl::Status st = decide_after ? absl::OkStatus() : DecideActions(s, layer, actions);
+  if (st.ok()) {
+    st = AttendLocked(s, layer, q.data(), o.data(), lse.data(), decide_after ? nullptr : &actions);
+  }
+  if (st.ok() && decide_after) st = DecideActions(s, layer, actions);
+  if (!st.ok()) {
+    UndoAppend(s, plan);
+    return st;
+  }
+  ApplyActions(s, layer, actions);
+  if (layer_length != nullptr) *layer_length = s.layer_len[layer];
+  return absl::OkStatus();
+}
+
+absl::Status Engine::DecodeStep(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
+                                absl::Span<const std::byte> k, absl::Span<const std::byte> v,
+                                DType dtype, absl::Span<float> o, absl::Span<float> lse,
+                                int64_t* layer_length) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
+  MutexLock lock(&s->mu);
+  return DecodeStepLocked(*s, layer.value(), q, k, v, dtype, o, lse, layer_length);
+}
+
+absl::Status Engine::DecodeStepBatch(LayerId layer, DType dtype, absl::Span<DecodeItem> items) {
+  // Lock order: ascending handle, so that two batches over overlapping sequences cannot deadlock.
+  std::vector<size_t> order(items.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return items[a].seq < items[b].seq; });
+  for (size_t i = 1; i < order.size(); ++i) {
+    if (items[order[i]].seq == items[order[i - 1]].seq) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", items[order[i]].seq.ToHex(),
+                                                     " appears twice in one batch"));
+    }
+  }
+  std::vector<std::shared_ptr<Sequence>> seqs(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    absl::StatusOr<std::shared_ptr<Sequence>> s = Find(items[i].seq);
+    items[i].status = s.status();
+    if (s.ok()) seqs[i] = *std::move(s);
+  }
+  std::vector<std::unique_ptr<MutexLock>> locks;
+  locks.reserve(items.size());
+  for (size_t i : order) {
+    if (seqs[i] != nullptr) locks.push_back(std::make_unique<MutexLock>(&seqs[i]->mu));
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (seqs[i] == nullptr) continue;
+    DecodeItem& item = items[i];
+    item.status = DecodeStepLocked(*seqs[i], layer.value(), item.q, item.k, item.v, dtype, item.o,
+                                   item.lse, &item.layer_length);
+  }
+  return absl::OkStatus();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fork, truncate, stats.
 
@@ -1077,11 +1050,13 @@ absl::StatusOr<SequenceId> Engine::Fork(const SequenceId& seq) {
     child->layout_entry = parent->layout_entry;
     child->spec = parent->spec;
     child->placement = parent->placement;
-    child->roles = parent->roles;
     MutexLock child_lock(&child->mu);
-    ASSIGN_OR_RETURN(child->eviction, CreateEvictionPolicy(parent->spec));
+    child->stack = parent->stack->Clone();
+    child->wants_stats = parent->wants_stats;
     child->layer_len = parent->layer_len;
     child->step = parent->step;
+    std::copy(std::begin(parent->pages_in), std::end(parent->pages_in), child->pages_in);
+    child->retained_tokens = parent->retained_tokens;
     child->heads.resize(parent->heads.size());
     for (size_t i = 0; i < parent->heads.size(); ++i) {
       const HeadTable& from = parent->heads[i];
@@ -1089,6 +1064,8 @@ absl::StatusOr<SequenceId> Engine::Fork(const SequenceId& seq) {
       to.arena_tier = from.arena_tier;
       to.meta = from.meta;
       to.phys = from.phys;
+      to.tokens = from.tokens;
+      to.scores = from.scores;
       for (PhysPage* p : to.phys) p->refs.fetch_add(1, std::memory_order_relaxed);
     }
   }
@@ -1104,28 +1081,36 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
     return absl::InvalidArgumentError(
         absl::StrCat("new_length ", new_length, " must be in [0, ", length, "]"));
   }
-  ++s->step;
+  const int P = s->layout().page_tokens;
   for (HeadTable& t : s->heads) {
+    // Positions increase along a head, so the tokens at or past new_length are a suffix.
     size_t keep = 0;
     while (keep < t.meta.size() && t.meta[keep].first_position < new_length) ++keep;
-    for (size_t i = keep; i < t.phys.size(); ++i) Unref(s->pools(), t.phys[i]);
+    for (size_t i = keep; i < t.phys.size(); ++i) {
+      t.tokens -= t.meta[i].token_count;
+      s->retained_tokens -= t.meta[i].token_count;
+      s->Track(t.phys[i]->tier, -1);
+      Unref(s->pools(), t.phys[i]);
+    }
     t.meta.resize(keep);
     t.phys.resize(keep);
+    if (!t.scores.empty()) t.scores.resize(keep * P);
     if (keep > 0) {
       PageMeta& last = t.meta.back();
-      const int64_t count = std::min<int64_t>(last.token_count, new_length - last.first_position);
-      if (count != last.token_count) {
-        last.token_count = static_cast<int32_t>(count);
-        last.key_min.clear();  // Bounds are kept only for full pages.
-        last.key_max.clear();
-      }
+      int count = last.token_count;
+      while (count > 0 && last.position(count - 1) >= new_length) --count;
+      t.tokens -= last.token_count - count;
+      s->retained_tokens -= last.token_count - count;
+      if (!last.positions.empty()) last.positions.resize(count);
+      last.token_count = count;
     }
   }
   for (int64_t& len : s->layer_len) len = new_length;
   return absl::OkStatus();
 }
 
-absl::StatusOr<SequenceStats> Engine::GetSequenceStats(const SequenceId& seq) {
+absl::StatusOr<SequenceStats> Engine::GetSequenceStats(const SequenceId& seq,
+                                                       StatsDetail detail) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
   MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));
@@ -1133,22 +1118,16 @@ absl::StatusOr<SequenceStats> Engine::GetSequenceStats(const SequenceId& seq) {
   out.length = s->length();
   out.layer_lengths = s->layer_len;
   out.evicted_pages = s->evicted_pages;
-  for (const HeadTable& t : s->heads) {
-    for (size_t i = 0; i < t.phys.size(); ++i) {
-      const PhysPage* p = t.phys[i];
-      switch (p->tier) {
-        case Tier::kDevice:
-          ++out.device_pages;
-          break;
-        case Tier::kHost:
-          ++out.host_pages;
-          break;
-        case Tier::kDisk:
-          ++out.disk_pages;
-          break;
-      }
-      if (!p->exclusive()) ++out.shared_pages;
-      out.retained_tokens += t.meta[i].token_count;
+  out.evicted_tokens = s->evicted_tokens;
+  out.step = s->step;
+  out.device_pages = s->pages_in[static_cast<int>(Tier::kDevice)];
+  out.host_pages = s->pages_in[static_cast<int>(Tier::kHost)];
+  out.disk_pages = s->pages_in[static_cast<int>(Tier::kDisk)];
+  out.retained_tokens = s->retained_tokens;
+  if (detail == StatsDetail::kWithSharing) {
+    out.shared_pages = 0;
+    for (const HeadTable& t : s->heads) {
+      for (const PhysPage* p : t.phys) out.shared_pages += p->exclusive() ? 0 : 1;
     }
   }
   const int64_t pb = s->layout().page_bytes();

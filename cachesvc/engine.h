@@ -42,7 +42,9 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string_view>
 #include <string>
 #include <vector>
 
@@ -52,11 +54,11 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-#include "cachesvc/base/clock.h"
 #include "cachesvc/base/ids.h"
 #include "cachesvc/base/layout.h"
 #include "cachesvc/base/mutex.h"
 #include "headwise/v1/policy.pb.h"
+#include "policies/stages.h"
 #include "offload/copy_engine.h"
 #include "offload/device_pool.h"
 #include "offload/disk_store.h"
@@ -64,6 +66,8 @@
 #include "offload/tier_budget.h"
 
 namespace headwise {
+
+class PatternDirectory;  // policies/pattern_directory.h
 
 struct EngineOptions {
   // Byte budget of the device tier (emulated with host memory when no GPU). Default: 1 GiB.
@@ -80,8 +84,15 @@ struct EngineOptions {
   int copy_threads = 2;
   // OpenMP threads per kernel call. Default: 1 (sequences already run concurrently).
   int compute_threads = 1;
-  // Time source; not owned, must outlive the engine. Default: nullptr = Clock::Real().
-  Clock* clock = nullptr;
+  // Where DuoAttention patterns named by a PolicySpec (head_roles.duo_attention.pattern_name)
+  // are looked up; not owned, must outlive the engine. nullptr: no named patterns (a spec that
+  // names one is FAILED_PRECONDITION; inline gates still work). Default: nullptr.
+  const PatternDirectory* patterns = nullptr;
+  // Fault injection for tests (RocksDB SyncPoint style): called at each named point where the
+  // engine may fail ("alloc.<tier>" before taking a slot, "disk.get" before reading a page back,
+  // "copy.submit" before submitting a staging copy); a non-OK result is treated as that
+  // operation's failure. Default: none.
+  std::function<absl::Status(std::string_view point)> fault_hook;
 };
 
 // Bytes of one tier, summed over the pools of every page size.
@@ -130,17 +141,25 @@ struct SequenceStats {
   int64_t device_pages = 0;
   int64_t host_pages = 0;
   int64_t disk_pages = 0;
-  // Of those, pages also referenced by another sequence (fork sharing).
-  int64_t shared_pages = 0;
+  // Of those, pages also referenced by another sequence (fork sharing); -1 unless asked for
+  // (StatsDetail::kWithSharing), since counting them walks every page.
+  int64_t shared_pages = -1;
   // Pages * page bytes per tier.
   int64_t device_bytes = 0;
   int64_t host_bytes = 0;
   int64_t disk_bytes = 0;
   // Tokens currently held over every (layer, head), after eviction.
   int64_t retained_tokens = 0;
-  // Pages this sequence dropped by eviction.
+  // Pages this sequence dropped whole, and tokens it dropped (whole pages and single tokens).
   int64_t evicted_pages = 0;
+  int64_t evicted_tokens = 0;
+  // Decode steps (tokens) completed by every layer; a prefill of T tokens counts T.
+  int64_t step = 0;
 };
+
+// How much GetSequenceStats computes. kUsage is O(layers): every figure is maintained
+// incrementally. kWithSharing also counts shared pages, walking every page of the sequence.
+enum class StatsDetail : uint8_t { kUsage = 0, kWithSharing = 1 };
 
 class Engine {
  public:
@@ -186,6 +205,36 @@ class Engine {
                        absl::Span<const std::byte> k, absl::Span<const std::byte> v, int num_tokens,
                        DType dtype, absl::Span<float> o, absl::Span<float> lse);
 
+  // One decode step of one layer, atomically: the query attends over the cached tokens of `layer`
+  // plus the new token (k, v: [1][num_kv_heads][head_dim] in `dtype`), then the token is
+  // appended. Equivalent to Append followed by Attend, but all-or-nothing: when attention cannot
+  // run (e.g. the device tier cannot stage the layer) or the append is refused, the sequence is
+  // unchanged. q, o: [num_q_heads][head_dim]; lse: [num_q_heads]. On success *layer_length (if
+  // not null) is the layer's length after the append.
+  absl::Status DecodeStep(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
+                          absl::Span<const std::byte> k, absl::Span<const std::byte> v, DType dtype,
+                          absl::Span<float> o, absl::Span<float> lse,
+                          int64_t* layer_length = nullptr);
+
+  // One item of a batched decode step: the arguments of DecodeStep for one sequence, and its
+  // result. Distinct items must name distinct sequences.
+  struct DecodeItem {
+    SequenceId seq;
+    absl::Span<const float> q;
+    absl::Span<const std::byte> k;
+    absl::Span<const std::byte> v;
+    absl::Span<float> o;
+    absl::Span<float> lse;
+    absl::Status status;       // Out: this item's result.
+    int64_t layer_length = 0;  // Out: on success, the layer's length after the append.
+  };
+  // One layer's decode step for many sequences, as a serving engine batches them. Each item is
+  // an independent DecodeStep (its own status; one failing item changes nothing of its sequence
+  // and does not affect the others); results equal one DecodeStep call per item. The sequences'
+  // locks are taken in a fixed (handle) order, so concurrent batches cannot deadlock.
+  // INVALID_ARGUMENT (and nothing done) when two items name the same sequence.
+  absl::Status DecodeStepBatch(LayerId layer, DType dtype, absl::Span<DecodeItem> items);
+
   // A new sequence sharing every page of `seq` copy-on-write, with the same lengths, layout and
   // policies. The parent is unchanged by anything done to the child and vice versa.
   absl::StatusOr<SequenceId> Fork(const SequenceId& seq);
@@ -197,7 +246,8 @@ class Engine {
   // Frees the sequence; its handle is NOT_FOUND afterwards.
   absl::Status Release(const SequenceId& seq);
 
-  absl::StatusOr<SequenceStats> GetSequenceStats(const SequenceId& seq);
+  absl::StatusOr<SequenceStats> GetSequenceStats(const SequenceId& seq,
+                                                 StatsDetail detail = StatsDetail::kWithSharing);
   EngineStats GetStats() const;
 
  private:
@@ -205,6 +255,7 @@ class Engine {
   struct PhysPage;
   struct HeadTable;
   struct Staging;
+  struct AppendPlan;
   // The pools and copy engine of one page size. Created with the first layout of that size and
   // immutable until the engine is destroyed. The copy engine is declared last so that it stops
   // before the pools it uses are released.
@@ -251,23 +302,56 @@ class Engine {
 
   // Staging of heads [h_begin, h_end) of `layer` on the device, pages [page_begin, page_end) of
   // each (clamped to the head's pages); see engine.cc.
+  // Page ordinals to attend per kv head of a layer (ascending), indexed by head.
+  using PageLists = std::vector<std::vector<int32_t>>;
   absl::Status Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
-                     int protect_from_head, Staging& out, size_t page_begin = 0,
-                     size_t page_end = SIZE_MAX);
+                     int protect_from_head, Staging& out, const PageLists* lists = nullptr,
+                     size_t page_begin = 0, size_t page_end = SIZE_MAX);
   static absl::Status WaitStaged(Staging& staging);
   static void Unstage(Staging& staging);
 
   absl::Status ValidateAppend(const Sequence& s, int layer, int64_t k_bytes, int64_t v_bytes,
                               int num_tokens, DType dtype) const;
+  // Append = PlanAppend (takes every slot, fills copy-on-write copies; on error frees what it
+  // took and changes nothing) + ApplyAppend (cannot fail) + the stack's actions. UndoAppend
+  // reverts an applied plan. REQUIRES: s.mu held (for all five).
   absl::Status AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
                             int num_tokens);
-  absl::Status ApplyEviction(Sequence& s, int layer);
-  absl::Status AttendLocked(Sequence& s, int layer, const float* q, float* o, float* lse);
+  absl::Status PlanAppend(Sequence& s, int layer, int num_tokens, AppendPlan& plan);
+  void ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k, const std::byte* v);
+  void UndoAppend(Sequence& s, AppendPlan& plan);
+  // The stack's decisions for every head of `layer` (pure), and applying them (cannot fail:
+  // token drops on pages that are shared or not in memory are left for a later decision).
+  absl::Status DecideActions(Sequence& s, int layer, std::vector<HeadActions>& out);
+  void ApplyActions(Sequence& s, int layer, const std::vector<HeadActions>& actions);
+  void DropTokens(Sequence& s, HeadTable& t, const std::vector<TokenRef>& drops);
+  void MergePartialPages(Sequence& s, HeadTable& t);
+  // Test hook (EngineOptions::fault_hook): the injected failure at `point`, or OK.
+  absl::Status Fault(std::string_view point) const;
+  // Decode attention of `layer` (REQUIRES: s.mu held): over every page, or, with `pending`
+  // (the actions about to be applied), every page they keep. Feeds statistics to the stack when
+  // it wants them.
+  absl::Status AttendLocked(Sequence& s, int layer, const float* q, float* o, float* lse,
+                            const std::vector<HeadActions>* pending);
+  const PageLists* AttendedPages(Sequence& s, int layer, const std::vector<HeadActions>* pending,
+                                 PageLists& storage);
+  void FeedStats(Sequence& s, int layer, const Staging& staged, const PageLists* lists,
+                 size_t page_begin);
+  absl::Status RunDecode(Sequence& s, const Staging& staged, const float* q, int num_q_heads,
+                         float* o, float* lse, int num_heads);
+  absl::Status AttendHeadwise(Sequence& s, int layer, const float* q, float* o, float* lse,
+                              const PageLists* lists);
+  static absl::Status MergeParts(const std::vector<float>& part_o,
+                                 const std::vector<float>& part_lse, int g, int D, int head,
+                                 float* o, float* lse);
+  absl::Status DecodeStepLocked(Sequence& s, int layer, absl::Span<const float> q,
+                                absl::Span<const std::byte> k, absl::Span<const std::byte> v,
+                                DType dtype, absl::Span<float> o, absl::Span<float> lse,
+                                int64_t* layer_length);
   absl::Status PrefillLocked(Sequence& s, int layer, const float* q, const std::byte* k,
                              const std::byte* v, int num_tokens, float* o, float* lse);
 
   const EngineOptions options_;
-  Clock* const clock_;
   std::unique_ptr<DiskStore> disk_;
   // The byte budgets of the device and host tiers, charged by the pools of every page size.
   TierBudget device_budget_;

@@ -14,6 +14,16 @@ HeadRetention FullRetention(int64_t seq_len, int page_tokens) {
 
 HeadRetention RetainedForHead(const EvictionSpec& spec, HeadRole role, int64_t seq_len,
                               int page_tokens) {
+  if (spec.method == EvictionSpec::Method::kH2o) {
+    const int64_t tokens =
+        std::min(seq_len, spec.heavy_tokens + std::max<int64_t>(1, spec.h2o_recent_tokens));
+    const HeadRetention full = FullRetention(seq_len, page_tokens);
+    if (tokens == seq_len) return full;
+    // Token-granular drops leave partial pages; the engine merges adjacent partial pages whose
+    // tokens fit one page, so at most 2 * ceil(tokens / P) + 1 pages remain (a bound).
+    const int64_t dense = (tokens + page_tokens - 1) / page_tokens;
+    return {.pages = std::min(full.pages, 2 * dense + 1), .tokens = tokens};
+  }
   const bool evicts =
       spec.method == EvictionSpec::Method::kStreamingLlm ||
       (spec.method == EvictionSpec::Method::kDuoAttention && role == HeadRole::kStreaming);

@@ -1,12 +1,11 @@
-// Eviction policies: which pages of one (layer, kv head) a sequence may drop. A policy is small
-// and pure (architecture.md "Plan, then apply"): ChooseVictims reads page metadata, the head's
-// role and the sequence length, and returns page ordinals; the engine applies the decision
-// (frees or demotes the pages). Events let stateful policies (H2O, SnapKV, ...) accumulate
-// statistics; the policies here are stateless and ignore them.
+// Eviction: the ActionPolicy stage of the policy stack (policies/stages.h) for the methods that
+// drop tokens: which pages or tokens of one (layer, kv head) a sequence drops. Each policy is
+// small and pure: Decide reads the head's metadata, role, length and (H2O) token scores and
+// returns what to drop; the engine applies it (frees pages, compacts partial ones).
 //
-// Invariants every policy here keeps (policies.md §9.2): decisions are page-granular; the last
-// page of a head (the one holding the newest token, and the one the next token is written to
-// when it is partial) is never dropped.
+// Invariant every policy here keeps (policies.md §9.2): the last page of a head (the one holding
+// the newest token, and the one the next token is written to when it is partial) is never
+// dropped. StreamingLLM and DuoAttention decide whole pages; H2O decides single tokens.
 #ifndef HEADWISE_POLICIES_EVICTION_H_
 #define HEADWISE_POLICIES_EVICTION_H_
 
@@ -21,6 +20,7 @@
 #include "headwise/v1/policy.pb.h"
 #include "policies/head_roles.h"
 #include "policies/page_meta.h"
+#include "policies/stages.h"
 
 namespace headwise {
 
@@ -54,14 +54,21 @@ struct EvictionSpec {
     kStreamingLlm = 1,
     // DuoAttention: RETRIEVAL heads keep everything; STREAMING heads keep `window`.
     kDuoAttention = 2,
+    // H2O (policies.md §5.2) on every head: the `heavy_tokens` older tokens with the largest
+    // accumulated attention plus the `recent_tokens` newest, at token granularity.
+    kH2o = 3,
   };
   // Default: kNone.
   Method method = Method::kNone;
   // Used by kStreamingLlm and kDuoAttention. Default: 64 sinks + 256 recent.
   SinkRecentWindow window;
+  // kH2o: heavy hitters kept. Valid: >= 0. Default: 4 (the authors' H2OKVCache_LayerWise).
+  int64_t heavy_tokens = 4;
+  // kH2o: most recent tokens kept. Valid: >= 0. Default: 512 (the same class).
+  int64_t h2o_recent_tokens = 512;
 };
 
-// "none", "streaming_llm", "duo_attention": the registry names.
+// "none", "streaming_llm", "duo_attention", "h2o": the registry names.
 std::string_view EvictionMethodName(EvictionSpec::Method method);
 
 // Resolves the eviction of `spec`:
@@ -70,79 +77,23 @@ std::string_view EvictionMethodName(EvictionSpec::Method method);
 //   eviction.streaming_llm, duo_attention roles     -> kDuoAttention (streaming heads only)
 //   eviction unset, duo_attention roles             -> kDuoAttention with 64 + 256
 //   eviction unset, uniform roles                   -> kNone
-// Unset sink_tokens / recent_tokens take 64 / 256. INVALID_ARGUMENT for a negative window.
+//   eviction.h2o                                    -> kH2o (every head, whatever its role)
+// Unset sink_tokens / recent_tokens take 64 / 256; unset H2O sizes 4 / 512. INVALID_ARGUMENT
+// for a negative count.
 absl::StatusOr<EvictionSpec> ResolveEvictionSpec(const headwise::v1::PolicySpec& spec);
 
-// Phases of an engine step (policies.md §9.2 on_step).
-enum class StepPhase : uint8_t { kPrefillChunkEnd = 0, kPrefillEnd = 1, kDecode = 2 };
-
-// K/V of `token_count` tokens starting at `first_position` were written to (layer, kv_head).
-struct AppendEvent {
-  LayerId layer;
-  HeadId kv_head;
-  int64_t first_position = 0;
-  int64_t token_count = 0;
-};
-
-// Per-page attention statistics from the attention kernel for one (layer, kv head): the
-// probability mass each page received in this step, summed over the group's query heads,
-// indexed by page ordinal. The span is valid only during the call.
-struct AttentionStatsEvent {
-  LayerId layer;
-  HeadId kv_head;
-  int64_t step = 0;
-  absl::Span<const float> page_mass;
-};
-
-// The end of a decode step or prefill chunk; `seq_len` is the length after it.
-struct StepEvent {
-  int64_t step = 0;
-  StepPhase phase = StepPhase::kDecode;
-  int64_t seq_len = 0;
-};
-
-// What to drop from one (layer, kv head): page ordinals into the HeadPagesView the decision was
-// made on, strictly ascending. Empty = keep everything.
-struct EvictionDecision {
-  std::vector<int32_t> drop;
-};
-
-// One instance per sequence (policies may keep per-sequence state from events). The engine
-// calls every method under the sequence's lock, so implementations need no locking of their
-// own; ChooseVictims is const and must not change observable state.
-class EvictionPolicy {
- public:
-  virtual ~EvictionPolicy() = default;
-
-  // The registry name ("none", "streaming_llm", "duo_attention").
-  virtual std::string_view name() const = 0;
-
-  // Events (policies.md §9.2). Defaults do nothing.
-  virtual void OnAppend(const AppendEvent& /*event*/) {}
-  virtual void OnAttentionStats(const AttentionStatsEvent& /*event*/) {}
-  virtual void OnStep(const StepEvent& /*event*/) {}
-
-  // Decides which pages of `pages` to drop for a head with `role` in a sequence of `seq_len`
-  // tokens (positions 0..seq_len-1 have been appended). No side effects. INVALID_ARGUMENT when
-  // the view is inconsistent: page_tokens <= 0, a page with token_count outside
-  // [1, page_tokens], pages not in strictly increasing, non-overlapping position order, or a
-  // page reaching past seq_len.
-  virtual absl::StatusOr<EvictionDecision> ChooseVictims(const HeadPagesView& pages, HeadRole role,
-                                                         int64_t seq_len) const = 0;
-};
-
 // Keeps everything.
-class NoEvictionPolicy final : public EvictionPolicy {
+class NoEvictionPolicy final : public ActionPolicy {
  public:
   std::string_view name() const override { return "none"; }
-  absl::StatusOr<EvictionDecision> ChooseVictims(const HeadPagesView& pages, HeadRole role,
-                                                 int64_t seq_len) const override;
+  std::unique_ptr<ActionPolicy> Clone() const override;
+  absl::StatusOr<HeadActions> Decide(const HeadContext& head) const override;
 };
 
 // StreamingLLM (policies.md §5.1) at page granularity, on every head regardless of role: a page
 // is dropped iff none of its tokens is a sink or in the recent window and it is not the last
 // page. When seq_len <= sink + recent nothing is dropped.
-class StreamingLlmPolicy final : public EvictionPolicy {
+class StreamingLlmPolicy final : public ActionPolicy {
  public:
   struct Options {
     // Default: 64 sinks + 256 recent.
@@ -152,8 +103,8 @@ class StreamingLlmPolicy final : public EvictionPolicy {
   static absl::StatusOr<std::unique_ptr<StreamingLlmPolicy>> Create(const Options& options);
 
   std::string_view name() const override { return "streaming_llm"; }
-  absl::StatusOr<EvictionDecision> ChooseVictims(const HeadPagesView& pages, HeadRole role,
-                                                 int64_t seq_len) const override;
+  std::unique_ptr<ActionPolicy> Clone() const override;
+  absl::StatusOr<HeadActions> Decide(const HeadContext& head) const override;
   const SinkRecentWindow& window() const { return options_.window; }
 
  private:
@@ -163,7 +114,7 @@ class StreamingLlmPolicy final : public EvictionPolicy {
 
 // DuoAttention (policies.md §2.4, §2.6): RETRIEVAL heads keep every page; STREAMING heads follow
 // exactly the StreamingLlmPolicy rule with `window`.
-class DuoAttentionPolicy final : public EvictionPolicy {
+class DuoAttentionPolicy final : public ActionPolicy {
  public:
   struct Options {
     // Window of the streaming heads. Default: 64 sinks + 256 recent (the authors' NIAH and
@@ -174,8 +125,8 @@ class DuoAttentionPolicy final : public EvictionPolicy {
   static absl::StatusOr<std::unique_ptr<DuoAttentionPolicy>> Create(const Options& options);
 
   std::string_view name() const override { return "duo_attention"; }
-  absl::StatusOr<EvictionDecision> ChooseVictims(const HeadPagesView& pages, HeadRole role,
-                                                 int64_t seq_len) const override;
+  std::unique_ptr<ActionPolicy> Clone() const override;
+  absl::StatusOr<HeadActions> Decide(const HeadContext& head) const override;
   const SinkRecentWindow& window() const { return options_.window; }
 
  private:
@@ -183,10 +134,37 @@ class DuoAttentionPolicy final : public EvictionPolicy {
   Options options_;
 };
 
-// Registry: the policy for a resolved spec, or for a PolicySpec (ResolveEvictionSpec first).
-// Errors as ResolveEvictionSpec / the policies' Create.
-absl::StatusOr<std::unique_ptr<EvictionPolicy>> CreateEvictionPolicy(const EvictionSpec& spec);
-absl::StatusOr<std::unique_ptr<EvictionPolicy>> CreateEvictionPolicy(
+// H2O (policies.md §5.2, FMInference/H2O H2OKVCache_LayerWise), per kv head at token
+// granularity. With S tokens held and S > heavy + recent, keeps
+//   topk(A over the tokens older than the `recent` newest held ones, heavy) ∪ the recent ones,
+// where A is the token score (AccumulatedAttentionScorer: attention summed over decode steps).
+// Ties in A keep the older token. Tokens are counted as held, so after drops the window is the
+// newest `recent` held tokens, as the authors' code slices its gathered cache.
+class H2oPolicy final : public ActionPolicy {
+ public:
+  struct Options {
+    // Default: 4 (the authors' class default).
+    int64_t heavy_tokens = 4;
+    // Default: 512.
+    int64_t recent_tokens = 512;
+  };
+  // INVALID_ARGUMENT for a negative count.
+  static absl::StatusOr<std::unique_ptr<H2oPolicy>> Create(const Options& options);
+
+  std::string_view name() const override { return "h2o"; }
+  std::unique_ptr<ActionPolicy> Clone() const override;
+  bool uses_scores() const override { return true; }
+  absl::StatusOr<HeadActions> Decide(const HeadContext& head) const override;
+
+ private:
+  explicit H2oPolicy(const Options& options) : options_(options) {}
+  Options options_;
+};
+
+// Registry: the action policy for a resolved spec, or for a PolicySpec (ResolveEvictionSpec
+// first). Errors as ResolveEvictionSpec / the policies' Create.
+absl::StatusOr<std::unique_ptr<ActionPolicy>> CreateActionPolicy(const EvictionSpec& spec);
+absl::StatusOr<std::unique_ptr<ActionPolicy>> CreateActionPolicy(
     const headwise::v1::PolicySpec& spec);
 
 }  // namespace headwise

@@ -1,0 +1,372 @@
+// The write path of the engine: appends planned then applied (all-or-nothing), and the policy
+// stack's actions (page and token drops, compaction of partial pages).
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "cachesvc/base/status_macros.h"
+#include "cachesvc/engine.h"
+#include "cachesvc/engine_internal.h"
+
+namespace headwise {
+namespace {
+
+int64_t PagesFor(int64_t tokens, int page_tokens) {
+  return (tokens + page_tokens - 1) / page_tokens;
+}
+
+// Moves row `from` of page `src` to row `to` of page `dst` (K and V blocks of one page each).
+void MoveRow(const std::byte* src, int from, std::byte* dst, int to, int page_tokens,
+             int64_t row_bytes) {
+  std::memmove(dst + to * row_bytes, src + from * row_bytes, row_bytes);
+  std::memmove(dst + (int64_t{page_tokens} + to) * row_bytes,
+               src + (int64_t{page_tokens} + from) * row_bytes, row_bytes);
+}
+
+}  // namespace
+
+absl::Status Engine::Fault(std::string_view point) const {
+  return options_.fault_hook ? options_.fault_hook(point) : absl::OkStatus();
+}
+
+absl::Status Engine::PlanAppend(Sequence& s, int layer, int num_tokens,
+                                AppendPlan& plan) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  const int P = layout.page_tokens;
+  const int H = layout.num_kv_heads;
+  const PoolSet& pools = s.pools();
+  plan.layer = layer;
+  plan.num_tokens = num_tokens;
+  plan.start = s.layer_len[layer];
+  plan.home = s.placement.home_tier();
+  plan.heads.assign(H, AppendPlan::Head{});
+  // Every slot is taken before anything is written. No copy is in flight and partial pages never
+  // spill, so any full page may make room.
+  absl::Status st;
+  for (int h = 0; h < H && st.ok(); ++h) {
+    HeadTable& t = s.table(layer, h);
+    AppendPlan::Head& hp = plan.heads[h];
+    hp.old_pages = t.meta.size();
+    int64_t room = 0;
+    if (!t.meta.empty()) {
+      hp.old_tail_count = t.meta.back().token_count;
+      if (hp.old_tail_count < P) {
+        room = P - hp.old_tail_count;
+        PhysPage* tail = t.phys.back();
+        hp.copy_tail = !tail->exclusive() || tail->tier != plan.home;
+      }
+    }
+    const int64_t need = PagesFor(std::max<int64_t>(0, num_tokens - room), P) + hp.copy_tail;
+    for (int64_t i = 0; i < need && st.ok(); ++i) {
+      absl::StatusOr<uint64_t> slot = TakeSlot(s, t, plan.home, /*protect_begin=*/0,
+                                               /*protect_end=*/0);
+      if (slot.ok()) {
+        hp.slots.push_back(*slot);
+      } else {
+        st = slot.status();
+      }
+    }
+    if (st.ok() && hp.copy_tail) {
+      // The private copy of the tail is filled now: reading a spilled tail back may fail.
+      PagePool* pool = pools.Pool(plan.home);
+      std::byte* dst = pool->SlotAddress(hp.slots[0]);
+      PhysPage* old = t.phys.back();
+      if (old->tier == Tier::kDisk) {
+        st = Fault("disk.get");
+        if (st.ok()) st = disk_->GetPage(old->disk_key, absl::MakeSpan(dst, pool->slot_bytes()));
+      } else {
+        std::memcpy(dst, pools.Pool(old->tier)->SlotAddress(old->slot), pool->slot_bytes());
+      }
+    }
+  }
+  if (!st.ok()) {
+    for (AppendPlan::Head& hp : plan.heads) {
+      for (uint64_t slot : hp.slots) FreeSlot(pools, plan.home, slot);
+      hp.slots.clear();
+    }
+  }
+  return st;
+}
+
+void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k,
+                         const std::byte* v) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  const int P = layout.page_tokens;
+  const int H = layout.num_kv_heads;
+  const int64_t row_bytes = int64_t{layout.head_dim} * DTypeSize(layout.dtype);
+  PagePool* pool = s.pools().Pool(plan.home);
+  const float initial = s.stack->scorer() == nullptr ? 0.0f : s.stack->scorer()->InitialScore();
+  for (int h = 0; h < H; ++h) {
+    HeadTable& t = s.table(plan.layer, h);
+    AppendPlan::Head& hp = plan.heads[h];
+    size_t next_slot = 0;
+    if (hp.copy_tail) {
+      hp.old_tail = t.phys.back();
+      t.phys.back() = NewPage(plan.home, hp.slots[next_slot++]);
+      s.Track(hp.old_tail->tier, -1);
+      s.Track(plan.home, 1);
+      cow_copies_.fetch_add(1, std::memory_order_relaxed);
+    }
+    for (int64_t i = 0; i < plan.num_tokens; ++i) {
+      if (t.meta.empty() || t.meta.back().token_count == P) {
+        t.phys.push_back(NewPage(plan.home, hp.slots[next_slot++]));
+        s.Track(plan.home, 1);
+        PageMeta m;
+        m.first_position = plan.start + i;
+        t.meta.push_back(std::move(m));
+        if (s.stack->scorer() != nullptr) t.scores.resize(t.meta.size() * P, 0.0f);
+      }
+      PageMeta& m = t.meta.back();
+      std::byte* page = pool->SlotAddress(t.phys.back()->slot);
+      const int row = m.token_count;
+      std::memcpy(page + row * row_bytes, k + (i * H + h) * row_bytes, row_bytes);
+      std::memcpy(page + (int64_t{P} + row) * row_bytes, v + (i * H + h) * row_bytes, row_bytes);
+      if (!m.positions.empty()) m.positions.push_back(plan.start + i);
+      if (!t.scores.empty()) t.scores[(t.meta.size() - 1) * P + row] = initial;
+      ++m.token_count;
+      m.last_touched_step = s.step;
+    }
+    t.tokens += plan.num_tokens;
+  }
+  s.retained_tokens += int64_t{plan.num_tokens} * H;
+  const int64_t before = s.length();
+  s.layer_len[plan.layer] += plan.num_tokens;
+  plan.completes_step = s.length() > before;
+  if (plan.completes_step) s.step += s.length() - before;
+  plan.applied = true;
+}
+
+void Engine::UndoAppend(Sequence& s, AppendPlan& plan) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (!plan.applied) return;
+  const int P = s.layout().page_tokens;
+  const PoolSet& pools = s.pools();
+  if (plan.completes_step) s.step -= plan.num_tokens;
+  s.layer_len[plan.layer] -= plan.num_tokens;
+  s.retained_tokens -= int64_t{plan.num_tokens} * s.layout().num_kv_heads;
+  for (int h = 0; h < s.layout().num_kv_heads; ++h) {
+    HeadTable& t = s.table(plan.layer, h);
+    AppendPlan::Head& hp = plan.heads[h];
+    while (t.meta.size() > hp.old_pages) {
+      Unref(pools, t.phys.back());
+      s.Track(plan.home, -1);
+      t.phys.pop_back();
+      t.meta.pop_back();
+    }
+    if (!t.scores.empty()) t.scores.resize(t.meta.size() * P);
+    if (hp.old_pages > 0) {
+      PageMeta& tail = t.meta.back();
+      if (!tail.positions.empty()) tail.positions.resize(hp.old_tail_count);
+      tail.token_count = hp.old_tail_count;
+      if (hp.copy_tail) {
+        Unref(pools, t.phys.back());
+        s.Track(plan.home, -1);
+        t.phys.back() = hp.old_tail;
+        s.Track(hp.old_tail->tier, 1);
+        cow_copies_.fetch_sub(1, std::memory_order_relaxed);
+      }
+    }
+    t.tokens -= plan.num_tokens;
+  }
+  plan.applied = false;
+}
+
+absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
+                                  int num_tokens) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  AppendPlan plan;
+  RETURN_IF_ERROR(PlanAppend(s, layer, num_tokens, plan));
+  ApplyAppend(s, plan, k, v);
+  std::vector<HeadActions> actions;
+  if (absl::Status st = DecideActions(s, layer, actions); !st.ok()) {
+    UndoAppend(s, plan);
+    return st;
+  }
+  ApplyActions(s, layer, actions);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::DecideActions(Sequence& s, int layer,
+                                   std::vector<HeadActions>& out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  out.assign(s.layout().num_kv_heads, HeadActions{});
+  const PolicyStack& stack = *s.stack;
+  if (!stack.may_drop()) return absl::OkStatus();
+  const ModelLayout& layout = s.layout();
+  std::vector<int64_t> budgets(layout.num_kv_heads);
+  stack.budgets().Allocate(layout, stack.roles(), LayerId(layer), s.layer_len[layer],
+                           absl::MakeSpan(budgets));
+  for (int h = 0; h < layout.num_kv_heads; ++h) {
+    const HeadTable& t = s.table(layer, h);
+    HeadContext head;
+    head.layer = LayerId(layer);
+    head.kv_head = HeadId(h);
+    head.role = stack.roles().role(head.layer, head.kv_head);
+    head.page_tokens = layout.page_tokens;
+    head.seq_len = s.layer_len[layer];
+    head.step = s.step;
+    head.pages = t.meta;
+    head.budget_tokens = budgets[h];
+    head.token_scores = t.scores;
+    ASSIGN_OR_RETURN(out[h], stack.actions().Decide(head));
+    // The decision is checked before anything is applied: a policy cannot corrupt the table.
+    const size_t n = t.meta.size();
+    const HeadActions& a = out[h];
+    for (size_t i = 0; i < a.drop_pages.size(); ++i) {
+      if (a.drop_pages[i] < 0 || static_cast<size_t>(a.drop_pages[i]) + 1 >= n ||
+          (i > 0 && a.drop_pages[i] <= a.drop_pages[i - 1])) {
+        return absl::InternalError(absl::StrCat("policy '", stack.actions().name(),
+                                                "' chose an invalid page list for head ", h));
+      }
+    }
+    for (size_t i = 0; i < a.drop_tokens.size(); ++i) {
+      const TokenRef& r = a.drop_tokens[i];
+      const bool newest = static_cast<size_t>(r.page) + 1 == n &&
+                          r.row + 1 == t.meta.back().token_count;
+      if (r.page < 0 || static_cast<size_t>(r.page) >= n || r.row < 0 ||
+          r.row >= t.meta[r.page].token_count || newest ||
+          (i > 0 && std::make_pair(r.page, r.row) <=
+                        std::make_pair(a.drop_tokens[i - 1].page, a.drop_tokens[i - 1].row))) {
+        return absl::InternalError(absl::StrCat("policy '", stack.actions().name(),
+                                                "' chose an invalid token list for head ", h));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Engine::ApplyActions(Sequence& s, int layer,
+                          const std::vector<HeadActions>& actions) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const int P = s.layout().page_tokens;
+  for (int h = 0; h < s.layout().num_kv_heads; ++h) {
+    const HeadActions& a = actions[h];
+    if (a.empty()) continue;
+    HeadTable& t = s.table(layer, h);
+    // Token drops first, while page ordinals still match the decision.
+    if (!a.drop_tokens.empty()) DropTokens(s, t, a.drop_tokens);
+    if (!a.drop_pages.empty()) {
+      std::vector<bool> drop(t.meta.size(), false);
+      for (int32_t d : a.drop_pages) drop[d] = true;
+      size_t w = 0;
+      for (size_t r = 0; r < t.meta.size(); ++r) {
+        if (drop[r]) {
+          t.tokens -= t.meta[r].token_count;
+          s.retained_tokens -= t.meta[r].token_count;
+          s.evicted_tokens += t.meta[r].token_count;
+          s.Track(t.phys[r]->tier, -1);
+          Unref(s.pools(), t.phys[r]);
+          continue;
+        }
+        if (w != r) {
+          t.meta[w] = std::move(t.meta[r]);
+          t.phys[w] = t.phys[r];
+          if (!t.scores.empty()) {
+            std::copy_n(t.scores.begin() + r * P, P, t.scores.begin() + w * P);
+          }
+        }
+        ++w;
+      }
+      t.meta.resize(w);
+      t.phys.resize(w);
+      if (!t.scores.empty()) t.scores.resize(w * P);
+      s.evicted_pages += static_cast<int64_t>(a.drop_pages.size());
+      evicted_pages_.fetch_add(static_cast<int64_t>(a.drop_pages.size()),
+                               std::memory_order_relaxed);
+    }
+    if (!a.drop_tokens.empty()) MergePartialPages(s, t);
+  }
+}
+
+// Removes single tokens from their pages, shifting the survivors down so a page's tokens stay
+// rows 0 .. token_count - 1; the page then lists its positions. A page that is shared (fork) or
+// not in memory keeps its tokens: the next decision will choose again.
+void Engine::DropTokens(Sequence& s, HeadTable& t,
+                        const std::vector<TokenRef>& drops) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  const int P = layout.page_tokens;
+  const int64_t row_bytes = int64_t{layout.head_dim} * DTypeSize(layout.dtype);
+  size_t i = 0;
+  while (i < drops.size()) {
+    const int32_t page = drops[i].page;
+    size_t j = i;
+    while (j < drops.size() && drops[j].page == page) ++j;
+    PhysPage* phys = t.phys[page];
+    if (!phys->exclusive() || phys->tier == Tier::kDisk) {
+      i = j;
+      continue;
+    }
+    PageMeta& m = t.meta[page];
+    std::byte* base = s.pools().Pool(phys->tier)->SlotAddress(phys->slot);
+    std::vector<int64_t> positions;
+    positions.reserve(m.token_count - (j - i));
+    int w = 0;
+    size_t next = i;
+    for (int r = 0; r < m.token_count; ++r) {
+      if (next < j && drops[next].row == r) {
+        ++next;
+        continue;
+      }
+      if (w != r) {
+        MoveRow(base, r, base, w, P, row_bytes);
+        if (!t.scores.empty()) t.scores[page * P + w] = t.scores[page * P + r];
+      }
+      positions.push_back(m.position(r));
+      ++w;
+    }
+    const int dropped = m.token_count - w;
+    m.token_count = w;
+    m.first_position = positions.front();
+    m.positions = std::move(positions);
+    t.tokens -= dropped;
+    s.retained_tokens -= dropped;
+    s.evicted_tokens += dropped;
+    i = j;
+  }
+}
+
+// Compaction: folds a partial page into the page before it when both fit one page, are private
+// and live in the same memory tier. Positions stay increasing (the later page's tokens follow).
+void Engine::MergePartialPages(Sequence& s, HeadTable& t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  const int P = layout.page_tokens;
+  const int64_t row_bytes = int64_t{layout.head_dim} * DTypeSize(layout.dtype);
+  size_t w = 0;
+  for (size_t r = 1; r < t.meta.size(); ++r) {
+    PageMeta& into = t.meta[w];
+    PageMeta& from = t.meta[r];
+    PhysPage* a = t.phys[w];
+    PhysPage* b = t.phys[r];
+    const bool fits = into.token_count + from.token_count <= P && a->exclusive() &&
+                      b->exclusive() && a->tier == b->tier && a->tier != Tier::kDisk;
+    if (fits) {
+      std::byte* dst = s.pools().Pool(a->tier)->SlotAddress(a->slot);
+      const std::byte* src = s.pools().Pool(b->tier)->SlotAddress(b->slot);
+      std::vector<int64_t> positions;
+      positions.reserve(into.token_count + from.token_count);
+      for (int i = 0; i < into.token_count; ++i) positions.push_back(into.position(i));
+      for (int i = 0; i < from.token_count; ++i) {
+        MoveRow(src, i, dst, into.token_count + i, P, row_bytes);
+        if (!t.scores.empty()) t.scores[w * P + into.token_count + i] = t.scores[r * P + i];
+        positions.push_back(from.position(i));
+      }
+      into.token_count += from.token_count;
+      into.positions = std::move(positions);
+      into.last_touched_step = std::max(into.last_touched_step, from.last_touched_step);
+      into.attention_mass += from.attention_mass;
+      s.Track(b->tier, -1);
+      Unref(s.pools(), b);
+      continue;
+    }
+    ++w;
+    if (w != r) {
+      t.meta[w] = std::move(t.meta[r]);
+      t.phys[w] = t.phys[r];
+      if (!t.scores.empty()) std::copy_n(t.scores.begin() + r * P, P, t.scores.begin() + w * P);
+    }
+  }
+  if (!t.meta.empty()) {
+    t.meta.resize(w + 1);
+    t.phys.resize(w + 1);
+    if (!t.scores.empty()) t.scores.resize((w + 1) * P);
+  }
+}
+
+}  // namespace headwise
