@@ -264,7 +264,8 @@ absl::StatusOr<SequenceId> Engine::CreateSequence(const std::string& layout_name
   s->layout_entry = entry;
   s->spec = spec;
   ASSIGN_OR_RETURN(s->placement, ResolvePlacement(spec));
-  ASSIGN_OR_RETURN(s->roles, ResolveHeadRoles(spec.head_roles(), entry->layout));
+  ASSIGN_OR_RETURN(s->roles,
+                   ResolveHeadRoles(spec.head_roles(), entry->layout, options_.patterns));
   {
     MutexLock lock(&s->mu);
     ASSIGN_OR_RETURN(s->eviction, CreateEvictionPolicy(spec));

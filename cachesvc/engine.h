@@ -65,6 +65,8 @@
 
 namespace headwise {
 
+class PatternDirectory;  // policies/pattern_directory.h
+
 struct EngineOptions {
   // Byte budget of the device tier (emulated with host memory when no GPU). Default: 1 GiB.
   uint64_t device_budget_bytes = uint64_t{1} << 30;
@@ -82,6 +84,10 @@ struct EngineOptions {
   int compute_threads = 1;
   // Time source; not owned, must outlive the engine. Default: nullptr = Clock::Real().
   Clock* clock = nullptr;
+  // Where DuoAttention patterns named by a PolicySpec (head_roles.duo_attention.pattern_name)
+  // are looked up; not owned, must outlive the engine. nullptr: no named patterns (a spec that
+  // names one is FAILED_PRECONDITION; inline gates still work). Default: nullptr.
+  const PatternDirectory* patterns = nullptr;
 };
 
 // Bytes of one tier, summed over the pools of every page size.
