@@ -38,14 +38,16 @@ absl::Status ValidatePagedKvView(const PagedKvView& kv) {
         absl::StrFormat("unsupported head_dim %d (8, 16, 32, 64, 96, 128, 256)", kv.head_dim));
   }
   if (!IsKnownDType(kv.dtype)) return Invalid("unknown dtype");
-  if (kv.indptr == nullptr || kv.last_page_len == nullptr) {
-    return Invalid("indptr and last_page_len are required");
+  if (kv.indptr == nullptr) return Invalid("indptr is required");
+  if (kv.last_page_len == nullptr && kv.page_len == nullptr) {
+    return Invalid("last_page_len is required when page_len is not set");
   }
   if (kv.indptr[0] != 0) return Invalid("indptr[0] must be 0");
   for (int h = 0; h < kv.num_kv_heads; ++h) {
     const int32_t pages = kv.indptr[h + 1] - kv.indptr[h];
     if (pages < 0) return Invalid("indptr must be non-decreasing");
-    if (pages > 0 && (kv.last_page_len[h] < 1 || kv.last_page_len[h] > kv.page_tokens)) {
+    if (kv.page_len == nullptr && pages > 0 &&
+        (kv.last_page_len[h] < 1 || kv.last_page_len[h] > kv.page_tokens)) {
       return absl::InvalidArgumentError(absl::StrFormat("last_page_len[%d] = %d is outside 1..%d",
                                                         h, kv.last_page_len[h], kv.page_tokens));
     }
@@ -58,6 +60,10 @@ absl::Status ValidatePagedKvView(const PagedKvView& kv) {
     if (kv.indices[j] < 0 || kv.indices[j] >= kv.num_slots) {
       return absl::InvalidArgumentError(
           absl::StrFormat("indices[%d] = %d is outside the pool", j, kv.indices[j]));
+    }
+    if (kv.page_len != nullptr && (kv.page_len[j] < 1 || kv.page_len[j] > kv.page_tokens)) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("page_len[%d] = %d is outside 1..%d", j, kv.page_len[j], kv.page_tokens));
     }
   }
   return absl::OkStatus();

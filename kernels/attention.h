@@ -9,9 +9,17 @@
 //     [page_tokens][head_dim], then the V block [page_tokens][head_dim], in the storage dtype.
 //     Page slot `s` starts at `pool + s * PageBytes(...)`.
 //   * The page table of one sequence and one layer is in CSR form over KV heads (FlashInfer's
-//     paged_kv_t): the pages of KV head `h` are indices[indptr[h] .. indptr[h+1]) in token
-//     order; every page is full except the last, which holds last_page_len[h] tokens (1..P).
-//     A head with no pages has no tokens.
+//     paged_kv_t): the pages of KV head `h` are CSR page positions j in [indptr[h], indptr[h+1])
+//     in token order, page j living in slot indices[j]. A head with no pages has no tokens.
+//   * Tokens per page, one of two modes:
+//       - page_len == nullptr (dense heads): every page is full (P tokens) except each head's
+//         last, which holds last_page_len[h] tokens (1..P);
+//       - page_len != nullptr (sparse heads, after token-level eviction or compaction, or a
+//         page selector's subset): page j holds its first page_len[j] rows (1..P), any page may
+//         be partial, and last_page_len is ignored (it may be null).
+//     In both modes the valid tokens of a page are its rows 0..n-1; rows n..P-1 are never read.
+//     Attention depends only on the set of valid tokens (up to f32 rounding), not on which
+//     page holds them.
 //   * Query head `qh` is served by KV head `qh / group_size` (GQA).
 //
 // Thread safety: all functions are reentrant; they read their inputs and write only their
@@ -39,6 +47,10 @@ struct PagedKvView {
   const int32_t* indptr = nullptr;         // [num_kv_heads + 1], non-decreasing, indptr[0] = 0.
   const int32_t* indices = nullptr;        // [indptr[num_kv_heads]] page slots.
   const int32_t* last_page_len = nullptr;  // [num_kv_heads], 1..page_tokens where pages exist.
+                                           // Required unless page_len is set; then ignored.
+  // Optional per-page token counts, indexed by CSR page position j: [indptr[num_kv_heads]],
+  // each 1..page_tokens. Null: the dense rule (full pages, last_page_len for each last page).
+  const int32_t* page_len = nullptr;
   // Optional per-token logit bias, indexed like the pool: bias[slot * page_tokens + t].
   // A token that stands for n merged tokens carries ln(n). Null: no bias.
   const float* token_bias = nullptr;
@@ -48,16 +60,28 @@ struct PagedKvView {
   int head_dim = 0;
   DType dtype = DType::kF16;
 
-  // Tokens held by KV head `h` (requires a validated view).
+  // Valid tokens of CSR page position `j`, a page of KV head `h` (requires a validated view).
+  int PageTokens(int h, int32_t j) const {
+    if (page_len != nullptr) return page_len[j];
+    return j + 1 == indptr[h + 1] ? last_page_len[h] : page_tokens;
+  }
+  // Tokens held by KV head `h` (requires a validated view). O(1) for dense heads, O(pages of
+  // the head) with page_len.
   int64_t HeadTokens(int h) const {
     const int32_t pages = indptr[h + 1] - indptr[h];
-    return pages == 0 ? 0 : int64_t{pages - 1} * page_tokens + last_page_len[h];
+    if (pages == 0) return 0;
+    if (page_len == nullptr) return int64_t{pages - 1} * page_tokens + last_page_len[h];
+    int64_t n = 0;
+    for (int32_t j = indptr[h]; j < indptr[h + 1]; ++j) n += page_len[j];
+    return n;
   }
 };
 
 // OK when the view is well formed: positive sizes, supported head_dim and dtype, non-null
-// arrays, indptr non-decreasing from 0, last_page_len in 1..page_tokens for heads with pages,
-// every index in [0, num_slots). Reads the CSR arrays, so they must be host memory.
+// arrays (last_page_len only when page_len is null), indptr non-decreasing from 0, token
+// counts in 1..page_tokens (page_len for every page when set, otherwise last_page_len for
+// heads with pages), every index in [0, num_slots). Reads the CSR arrays, so they must be host
+// memory.
 absl::Status ValidatePagedKvView(const PagedKvView& kv);
 
 // Decode attention: one query token per query head over all cached tokens of one layer.
@@ -68,19 +92,26 @@ struct DecodeArgs {
   float* o = nullptr;        // [num_q_heads][head_dim], required. Zeros for a head with no tokens.
   float* lse = nullptr;      // [num_q_heads] natural-log sum of exp(logits); -inf if no tokens.
                              // Optional.
-  // Optional policy statistics. Both are indexed by CSR page position j (0..indptr[H]):
-  //   token_probs[j * page_tokens + t]: probability of token t of page j, averaged over the
-  //     query heads of the group (entries past a partial last page are set to 0);
-  //   page_mass[j]: the sum of token_probs over the page.
-  float* token_probs = nullptr;
-  float* page_mass = nullptr;
-  int num_threads = 1;  // OpenMP threads for this call; <= 0 means omp_get_max_threads().
+  // Optional policy statistics, for every page of the view. Both are indexed by CSR page
+  // position j (0..indptr[H]); page j belongs to KV head h, whose GQA group is the g =
+  // num_q_heads / num_kv_heads query heads h*g .. h*g+g-1. With p_r(i) the softmax probability
+  // query head r gives token i over all tokens of its KV head in this view (token_bias
+  // included, so a merged token's probability is that of the n tokens it stands for):
+  //   token_probs[j * page_tokens + t] = (1/g) * sum over r of p_r(token t of page j), the MEAN
+  //     over the group (not the sum), for the page's valid rows t; rows past the page's valid
+  //     count (page_len[j], or last_page_len on a dense head's last page) are set to 0;
+  //   page_mass[j] = the sum of token_probs over the page's valid rows.
+  // So the token_probs of one KV head sum to 1 (and so do its page_mass), whatever g is.
+  float* token_probs = nullptr;  // [indptr[H] * page_tokens], optional.
+  float* page_mass = nullptr;    // [indptr[H]], optional.
+  int num_threads = 1;           // OpenMP threads for this call; <= 0 means omp_get_max_threads().
 };
 absl::Status DecodeAttention(const PagedKvView& kv, const DecodeArgs& args);
 
 // Chunked causal prefill: T new tokens whose K/V are given densely attend to every cached
-// token of `kv` plus the chunk's tokens up to and including their own position. The result
-// equals T decode steps in which the chunk's tokens were appended one at a time.
+// token of `kv` (either token-count mode) plus the chunk's tokens up to and including their
+// own position. The result equals T decode steps in which the chunk's tokens were appended one
+// at a time.
 struct PrefillArgs {
   int num_tokens = 0;           // T >= 1.
   const float* q = nullptr;     // [T][num_q_heads][head_dim], required.

@@ -17,7 +17,7 @@ std::unique_ptr<RoleSource> DuoAttentionRoleSource::Clone() const {
 }
 
 absl::StatusOr<HeadRoles> DuoAttentionRoleSource::Resolve(const ModelLayout& layout) const {
-  return ResolveHeadRoles(source_, layout);  // MERGE: pass patterns_
+  return ResolveHeadRoles(source_, layout, patterns_);
 }
 
 std::unique_ptr<BudgetAllocator> UniformBudget::Clone() const {

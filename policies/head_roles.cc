@@ -1,17 +1,16 @@
 #include "policies/head_roles.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <charconv>
 #include <cmath>
-#include <cstdio>
-#include <cstring>
 #include <random>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "cachesvc/base/bounded_file.h"
 #include "cachesvc/base/status_macros.h"
+#include "policies/pattern_directory.h"
 
 namespace headwise {
 
@@ -56,12 +55,14 @@ HeadRoles UniformRoles(const ModelLayout& layout, HeadRole role) {
 
 namespace {
 
-// Checks one gate and clips it into [0, 1]. `where` prefixes the error message.
+// Checks one gate and clips it into [0, 1]. `where` prefixes the error message, which does not
+// quote the value (it may come from a file whose bytes the caller must not see).
 absl::StatusOr<double> CheckGate(double value, std::string_view where) {
   if (!std::isfinite(value) || value < -kGateClipTolerance || value > 1.0 + kGateClipTolerance) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: gate %g is outside [0, 1] (values within %g are clipped)", where,
-                        value, kGateClipTolerance));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: expected a gate in [0, 1] (values within %g outside are clipped); this one is "
+        "not finite or further out",
+        where, kGateClipTolerance));
   }
   return std::clamp(value, 0.0, 1.0);
 }
@@ -122,13 +123,15 @@ absl::StatusOr<DuoAttentionGates> ParseDuoAttentionGates(std::string_view tsv_te
       const std::string where =
           absl::StrFormat("%s:%d: column %d", source_name, line_number, column);
       if (field.empty()) {
-        return absl::InvalidArgumentError(absl::StrCat(where, ": empty field"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": empty field; expected a number (fields are tab-separated)"));
       }
       double value = 0.0;
       const auto [end, ec] = std::from_chars(field.data(), field.data() + field.size(), value);
       if (ec != std::errc() || end != field.data() + field.size()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(where, ": '", std::string(field), "' is not a number"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            where,
+            ": expected a decimal number (fields are tab-separated); this field is not one"));
       }
       ASSIGN_OR_RETURN(double gate, CheckGate(value, where));
       gates.alpha.push_back(gate);
@@ -150,22 +153,12 @@ absl::StatusOr<DuoAttentionGates> ParseDuoAttentionGates(std::string_view tsv_te
   return gates;
 }
 
-absl::StatusOr<DuoAttentionGates> LoadDuoAttentionGates(const std::string& path) {
-  std::FILE* file = std::fopen(path.c_str(), "rb");
-  if (file == nullptr) {
-    const int error = errno;
-    const std::string message = absl::StrCat("cannot open ", path, ": ", std::strerror(error));
-    if (error == ENOENT || error == ENOTDIR) return absl::NotFoundError(message);
-    if (error == EACCES || error == EPERM) return absl::PermissionDeniedError(message);
-    return absl::UnavailableError(message);
-  }
-  std::string text;
-  char buffer[1 << 16];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), file)) > 0) text.append(buffer, n);
-  const bool read_failed = std::ferror(file) != 0;
-  std::fclose(file);
-  if (read_failed) return absl::DataLossError(absl::StrCat("error reading ", path));
+absl::StatusOr<DuoAttentionGates> LoadDuoAttentionGates(const std::string& path,
+                                                        uint64_t max_bytes) {
+  BoundedReadOptions options;
+  options.max_bytes = max_bytes;
+  options.follow_final_symlink = true;  // The user names the file on their own machine.
+  ASSIGN_OR_RETURN(const std::string text, ReadBoundedFile(path, options));
   return ParseDuoAttentionGates(text, path);
 }
 
@@ -227,7 +220,8 @@ absl::StatusOr<HeadRoles> RolesForSparsity(const DuoAttentionGates& gates, doubl
 }
 
 absl::StatusOr<HeadRoles> ResolveHeadRoles(const headwise::v1::HeadRolesSource& source,
-                                           const ModelLayout& layout) {
+                                           const ModelLayout& layout,
+                                           const PatternDirectory* patterns) {
   switch (source.source_case()) {
     case headwise::v1::HeadRolesSource::SOURCE_NOT_SET:
     case headwise::v1::HeadRolesSource::kUniform:
@@ -238,8 +232,13 @@ absl::StatusOr<HeadRoles> ResolveHeadRoles(const headwise::v1::HeadRolesSource& 
   const headwise::v1::DuoAttentionRoles& duo = source.duo_attention();
   DuoAttentionGates gates;
   switch (duo.gates_source_case()) {
-    case headwise::v1::DuoAttentionRoles::kTsvPath: {
-      ASSIGN_OR_RETURN(gates, LoadDuoAttentionGates(duo.tsv_path()));
+    case headwise::v1::DuoAttentionRoles::kPatternName: {
+      if (patterns == nullptr) {
+        return absl::FailedPreconditionError(
+            "duo_attention.pattern_name needs a pattern directory, and none is configured (set "
+            "pattern_dir in the daemon's config, or send inline_gates)");
+      }
+      ASSIGN_OR_RETURN(gates, patterns->LoadGates(duo.pattern_name()));
       break;
     }
     case headwise::v1::DuoAttentionRoles::kInlineGates: {
@@ -249,7 +248,7 @@ absl::StatusOr<HeadRoles> ResolveHeadRoles(const headwise::v1::HeadRolesSource& 
     }
     case headwise::v1::DuoAttentionRoles::GATES_SOURCE_NOT_SET:
       return absl::InvalidArgumentError(
-          "duo_attention head roles need gates: set tsv_path or inline_gates");
+          "duo_attention head roles need gates: set pattern_name or inline_gates");
   }
   if (gates.num_layers != layout.num_layers || gates.num_kv_heads != layout.num_kv_heads) {
     return absl::InvalidArgumentError(absl::StrFormat(

@@ -94,14 +94,23 @@ absl::StatusOr<DuoAttentionGates> GatesFromMatrix(int num_layers, int num_kv_hea
 // Parses the text of a `full_attention_heads.tsv`: rows = layers, tab-separated columns = kv
 // heads. Like np.loadtxt, blank lines and lines starting with '#' are skipped and a trailing
 // '\r' is ignored. INVALID_ARGUMENT, naming `source_name` and the 1-based line (and column) at
-// fault, when the file has no rows, rows differ in length, a field is empty or not a number, or
-// a value is out of range (see GatesFromMatrix).
+// fault and what was expected there, when the text has no rows, rows differ in length, a field
+// is empty or not a number, or a value is out of range (see GatesFromMatrix). No message quotes
+// the text: the file may not be a pattern file at all, and its bytes are not the client's to see.
 absl::StatusOr<DuoAttentionGates> ParseDuoAttentionGates(std::string_view tsv_text,
                                                          std::string_view source_name);
 
-// Reads and parses the file at `path`. NOT_FOUND when it does not exist, PERMISSION_DENIED when
-// it cannot be read for lack of rights, otherwise as ParseDuoAttentionGates.
-absl::StatusOr<DuoAttentionGates> LoadDuoAttentionGates(const std::string& path);
+// The most bytes LoadDuoAttentionGates reads. Default of its `max_bytes`.
+inline constexpr uint64_t kMaxGatesFileBytes = uint64_t{1} << 20;
+
+// Reads (through ReadBoundedFile: a regular file of at most `max_bytes`, symbolic links followed)
+// and parses a gates file that the user names on the local machine, for local tools such as
+// `headwise plan`. The daemon never calls this: it reads patterns only by name, through a
+// PatternDirectory. NOT_FOUND when the file does not exist, PERMISSION_DENIED when it cannot be
+// read, FAILED_PRECONDITION when it is not a regular file or is too large, otherwise as
+// ParseDuoAttentionGates.
+absl::StatusOr<DuoAttentionGates> LoadDuoAttentionGates(const std::string& path,
+                                                        uint64_t max_bytes = kMaxGatesFileBytes);
 
 // The q-quantile of `values` by linear interpolation between order statistics, as numpy's
 // np.quantile with its default method ("linear"): sorted v, h = q * (n - 1),
@@ -131,12 +140,19 @@ absl::StatusOr<HeadRoles> RolesForSparsity(const DuoAttentionGates& gates, doubl
 // The sparsity DuoAttentionRoles uses when its `sparsity` field is unset.
 inline constexpr double kDefaultDuoAttentionSparsity = 0.5;
 
+class PatternDirectory;  // policies/pattern_directory.h
+
 // Resolves a PolicySpec's head-role source for `layout`: uniform (every head kRetrieval), or
-// DuoAttention gates (loaded from tsv_path or taken inline) selected at the spec's sparsity.
-// INVALID_ARGUMENT when the gates' shape differs from layout's num_layers x num_kv_heads, the
-// duo_attention source names no gates, or any value is invalid; NOT_FOUND for a missing TSV.
+// DuoAttention gates (the pattern `pattern_name` looked up in `patterns`, or inline) selected at
+// the spec's sparsity. `patterns` (not owned; may be null) is the daemon's configured pattern
+// directory. INVALID_ARGUMENT when the gates' shape differs from layout's num_layers x
+// num_kv_heads, the duo_attention source names no gates, the pattern name is malformed, or any
+// value is invalid; FAILED_PRECONDITION when a pattern is named but `patterns` is null (no
+// pattern directory configured); otherwise the errors of PatternDirectory::LoadGates (NOT_FOUND
+// for an unknown pattern).
 absl::StatusOr<HeadRoles> ResolveHeadRoles(const headwise::v1::HeadRolesSource& source,
-                                           const ModelLayout& layout);
+                                           const ModelLayout& layout,
+                                           const PatternDirectory* patterns = nullptr);
 
 }  // namespace headwise
 

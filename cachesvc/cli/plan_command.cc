@@ -213,7 +213,12 @@ std::optional<Failure> BuildInvocation(const FlagValues& flags, Invocation* inv)
                      absl::StrCat("--", flag, " applies to --policy duo_attention only")};
     }
   }
-  if (has("duo-tsv")) choice.duo_tsv = flags.at("duo-tsv");
+  if (has("duo-tsv")) {
+    // A file on the user's own machine, read size-bounded; it reaches the plan as inline gates.
+    absl::StatusOr<DuoAttentionGates> gates = LoadDuoAttentionGates(flags.at("duo-tsv"));
+    if (!gates.ok()) return Failure{kExitFailure, std::string(gates.status().message())};
+    choice.duo_gates = *std::move(gates);
+  }
   for (absl::Status s : {ParseInt(flags, "sink", &choice.sink_tokens),
                          ParseInt(flags, "recent", &choice.recent_tokens),
                          ParseDouble(flags, "sparsity", &choice.sparsity),

@@ -1,14 +1,13 @@
 #include "cachesvc/planner/layout_presets.h"
 
 #include <cstdint>
-#include <fstream>
 #include <limits>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "cachesvc/base/bounded_file.h"
 #include "cachesvc/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -114,11 +113,16 @@ absl::StatusOr<ModelLayout> ParseLayoutJson(std::string_view text, std::string_v
 }
 
 absl::StatusOr<ModelLayout> LoadLayoutFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open layout file ", path));
-  std::ostringstream text;
-  text << in.rdbuf();
-  return ParseLayoutJson(text.str(), path);
+  BoundedReadOptions options;
+  options.max_bytes = kMaxLayoutFileBytes;
+  options.follow_final_symlink = true;  // The user names the file on their own machine.
+  options.description = absl::StrCat("layout file ", path);
+  absl::StatusOr<std::string> text = ReadBoundedFile(path, options);
+  if (!text.ok()) {
+    return absl::Status(text.status().code(),
+                        absl::StrCat("cannot open ", text.status().message()));
+  }
+  return ParseLayoutJson(*text, path);
 }
 
 }  // namespace headwise

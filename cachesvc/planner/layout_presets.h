@@ -2,6 +2,7 @@
 #ifndef HEADWISE_CACHESVC_PLANNER_LAYOUT_PRESETS_H_
 #define HEADWISE_CACHESVC_PLANNER_LAYOUT_PRESETS_H_
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -29,7 +30,13 @@ absl::StatusOr<ModelLayout> LayoutPreset(std::string_view name);
 // typos), or the layout fails ValidateLayout.
 absl::StatusOr<ModelLayout> ParseLayoutJson(std::string_view text, std::string_view source_name);
 
-// Reads the file at `path` and parses it as ParseLayoutJson. NOT_FOUND when it cannot be opened.
+// Largest layout file LoadLayoutFile reads.
+inline constexpr uint64_t kMaxLayoutFileBytes = uint64_t{1} << 20;
+
+// Reads the file at `path` (a regular file of at most kMaxLayoutFileBytes, through
+// ReadBoundedFile) and parses it as ParseLayoutJson. NOT_FOUND when it does not exist,
+// FAILED_PRECONDITION when it is not a regular file or is too large, PERMISSION_DENIED when it
+// cannot be read; each message starts "cannot open layout file <path>".
 absl::StatusOr<ModelLayout> LoadLayoutFile(const std::string& path);
 
 }  // namespace headwise

@@ -109,8 +109,12 @@ absl::StatusOr<PolicySpec> BuildPolicySpec(const PolicyChoice& choice, const Mod
   }
   headwise::v1::DuoAttentionRoles* duo = spec.mutable_head_roles()->mutable_duo_attention();
   duo->set_tie_break_seed(choice.tie_break_seed);
-  if (!choice.duo_tsv.empty()) {
-    duo->set_tsv_path(choice.duo_tsv);
+  if (choice.duo_gates.has_value()) {
+    headwise::v1::InlineGates* inline_gates = duo->mutable_inline_gates();
+    inline_gates->set_num_layers(choice.duo_gates->num_layers);
+    inline_gates->set_num_kv_heads(choice.duo_gates->num_kv_heads);
+    inline_gates->mutable_gates()->Add(choice.duo_gates->alpha.begin(),
+                                       choice.duo_gates->alpha.end());
     duo->set_sparsity(choice.sparsity);
     return spec;
   }

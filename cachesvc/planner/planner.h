@@ -42,6 +42,7 @@
 #define HEADWISE_CACHESVC_PLANNER_PLANNER_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,7 @@
 #include "headwise/v1/policy.pb.h"
 #include "policies/accounting.h"
 #include "policies/eviction.h"
+#include "policies/head_roles.h"
 
 namespace headwise {
 
@@ -67,10 +69,13 @@ struct PolicyChoice {
   // streaming_llm / duo_attention window. Valid: >= 0. Default: 64 + 256.
   int64_t sink_tokens = 64;
   int64_t recent_tokens = 256;
-  // duo_attention: a full_attention_heads.tsv. Empty: an even split instead, in which every
-  // layer's first heads are retrieval heads and round((1 - sparsity) * heads) heads in all are
-  // (given as inline gates 1/0, so roles still go through ResolveHeadRoles). Default: empty.
-  std::string duo_tsv = "";
+  // duo_attention: learned gates, e.g. read by the caller with LoadDuoAttentionGates from a
+  // full_attention_heads.tsv the user names (`headwise plan --duo-tsv`); they go into the spec as
+  // inline gates, since a PolicySpec never carries a path. Unset: an even split instead, in which
+  // every layer's first heads are retrieval heads and round((1 - sparsity) * heads) heads in all
+  // are (also given as inline gates 1/0, so roles still go through ResolveHeadRoles).
+  // Default: unset.
+  std::optional<DuoAttentionGates> duo_gates = std::nullopt;
   // duo_attention: fraction of heads that stream. Valid: [0, 1]. Default: 0.5.
   double sparsity = 0.5;
   // duo_attention: seed of the tie-breaking noise. Default: 0.
@@ -81,8 +86,8 @@ struct PolicyChoice {
 };
 
 // The PolicySpec for `choice` on `layout` (the layout is needed only for the even DuoAttention
-// split). INVALID_ARGUMENT for an unknown name or placement, a placement that contradicts the
-// name, a negative window, a sparsity outside [0, 1], device_head_groups < 1 or
+// split). Reads no file. INVALID_ARGUMENT for an unknown name or placement, a placement that
+// contradicts the name, a negative window, a sparsity outside [0, 1], device_head_groups < 1 or
 // prefetch_depth < 0.
 absl::StatusOr<headwise::v1::PolicySpec> BuildPolicySpec(const PolicyChoice& choice,
                                                          const ModelLayout& layout);
@@ -170,10 +175,11 @@ struct Plan {
   std::vector<LayerCost> layers;
 };
 
-// Plans `options` (see the file comment). Pure: no side effects except reading the DuoAttention
-// TSV named by the policy. INVALID_ARGUMENT for an invalid layout, profile, policy (as
-// ResolveHeadRoles / ResolveEvictionSpec), context < 0, or a budget < -1; NOT_FOUND for a missing
-// TSV. A configuration that does not fit its device budget is not an error: Plan::fits is false.
+// Plans `options` (see the file comment). Pure: no side effects, and no file is read (gates come
+// inline; a policy naming a daemon pattern is FAILED_PRECONDITION, as in a daemon without a
+// pattern directory). INVALID_ARGUMENT for an invalid layout, profile, policy (as
+// ResolveHeadRoles / ResolveEvictionSpec), context < 0, or a budget < -1. A configuration that
+// does not fit its device budget is not an error: Plan::fits is false.
 absl::StatusOr<Plan> MakePlan(const PlanOptions& options);
 
 }  // namespace headwise

@@ -61,7 +61,7 @@ TokenRows PageRows(const PagedKvView& kv, int head, int j) {
   rows.k = page;
   rows.v = page + elems * DTypeSize(kv.dtype);
   rows.row_stride = kv.head_dim;
-  rows.num_tokens = j + 1 == kv.indptr[head + 1] ? kv.last_page_len[head] : kv.page_tokens;
+  rows.num_tokens = kv.PageTokens(head, j);
   rows.bias = kv.token_bias != nullptr ? kv.token_bias + slot * kv.page_tokens : nullptr;
   return rows;
 }
@@ -184,7 +184,7 @@ void Decode(const PagedKvView& kv, const DecodeArgs& args) {
                                                     static_cast<int32_t>(j)) -
                                    kv.indptr) -
                   1;
-    const int valid = j + 1 == kv.indptr[h + 1] ? kv.last_page_len[h] : kv.page_tokens;
+    const int valid = kv.PageTokens(h, static_cast<int32_t>(j));
     const float* page_lse = lse + int64_t{h} * group;
     double mass = 0.0;
     for (int t = 0; t < kv.page_tokens; ++t) {

@@ -11,9 +11,10 @@
 // Validation: only what can be checked on the host without copying device memory is checked,
 // and returns INVALID_ARGUMENT: null required pointers, positive counts, num_q_heads a multiple
 // of num_kv_heads, head_dim in the supported set, a known dtype. The CSR arrays live on the
-// device and are NOT validated (monotone indptr, last_page_len in 1..page_tokens, slots in
-// range); a malformed table is undefined behaviour. Validate it on the host, before upload,
-// with kernels::ValidatePagedKvView.
+// device and are NOT validated (monotone indptr, last_page_len or page_len in 1..page_tokens,
+// slots in range); a malformed table is undefined behaviour. Either last_page_len or page_len
+// must be non-null (INVALID_ARGUMENT otherwise); with page_len, last_page_len may be null. Validate
+// it on the host, before upload, with kernels::ValidatePagedKvView.
 //
 // Streams: `stream` is a cudaStream_t passed as void* so this header stays includable from
 // plain C++ without the CUDA headers; nullptr is the legacy default stream. Work is enqueued

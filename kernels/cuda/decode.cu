@@ -8,7 +8,9 @@
 //   It writes o and lse directly when there is one split, otherwise a partial state per split.
 // Pass 2, MergeSplitsKernel: merges the splits of each query head with the LSE rule.
 // Pass 3 (only for token_probs/page_mass), TokenProbsKernel: recomputes the logits of each
-//   token and turns them into probabilities with the merged lse.
+//   token and turns them into probabilities with the merged lse, averaged over the group.
+// Tokens per page follow PagedKvView: page_len[j] when given (any page may be partial), else
+// full pages and last_page_len for each head's last; the loops only ever see a count.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -40,8 +42,9 @@ struct DecodeParams {
   const std::byte* pool;
   const int32_t* indptr;
   const int32_t* indices;
-  const int32_t* last_page_len;
-  const float* token_bias;  // May be null.
+  const int32_t* last_page_len;  // Read only when page_len is null.
+  const int32_t* page_len;       // Per CSR page position; null: the dense rule.
+  const float* token_bias;       // May be null.
   const float* q;
   int page_tokens;
   int group_size;
@@ -66,6 +69,14 @@ __device__ __forceinline__ void SplitPages(const int32_t* indptr, int kv_head, i
   }
   *begin = first + static_cast<int>(int64_t{pages} * split / used);
   *end = first + static_cast<int>(int64_t{pages} * (split + 1) / used);
+}
+
+// Valid tokens of CSR page position `page` (the last of its head is `last_page`): page_len when
+// given, else full pages and last_page_len for the head's last (PagedKvView::PageTokens).
+__device__ __forceinline__ int PageTokens(const int32_t* page_len, const int32_t* last_page_len,
+                                          int kv_head, int page, int last_page, int page_tokens) {
+  if (page_len != nullptr) return page_len[page];
+  return page == last_page ? last_page_len[kv_head] : page_tokens;
 }
 
 template <typename T, int kTx, int kVec>
@@ -113,7 +124,8 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(DecodeParams p) {
   const int64_t page_elems = int64_t{2} * p.page_tokens * kHeadDim;
   for (int page = page_begin; page < page_end; ++page) {
     const int64_t slot = p.indices[page];
-    const int tokens = page == last_page ? p.last_page_len[kv_head] : p.page_tokens;
+    const int tokens =
+        PageTokens(p.page_len, p.last_page_len, kv_head, page, last_page, p.page_tokens);
     const T* k_block = reinterpret_cast<const T*>(p.pool) + slot * page_elems;
     const T* v_block = k_block + int64_t{p.page_tokens} * kHeadDim;
     const float* bias = p.token_bias == nullptr ? nullptr : p.token_bias + slot * p.page_tokens;
@@ -222,6 +234,7 @@ struct TokenProbsParams {
   const int32_t* indptr;
   const int32_t* indices;
   const int32_t* last_page_len;
+  const int32_t* page_len;
   const float* token_bias;
   const float* q;
   const float* lse;  // Merged lse per query head.
@@ -250,7 +263,8 @@ __global__ void __launch_bounds__(kThreads) TokenProbsKernel(TokenProbsParams p)
   const int64_t page_elems = int64_t{2} * p.page_tokens * p.head_dim;
   for (int page = page_begin; page < page_end; ++page) {
     const int64_t slot = p.indices[page];
-    const int tokens = page == last_page ? p.last_page_len[kv_head] : p.page_tokens;
+    const int tokens =
+        PageTokens(p.page_len, p.last_page_len, kv_head, page, last_page, p.page_tokens);
     const T* k_block = reinterpret_cast<const T*>(p.pool) + slot * page_elems;
     const float* bias = p.token_bias == nullptr ? nullptr : p.token_bias + slot * p.page_tokens;
     float mass = 0.0f;
@@ -341,9 +355,11 @@ absl::Status LaunchDecodeSplits(DType dtype, int head_dim, const DecodeParams& p
 }
 
 absl::Status ValidateDecode(const PagedKvView& kv, const DecodeArgs& args) {
-  if (kv.pool == nullptr || kv.indptr == nullptr || kv.indices == nullptr ||
-      kv.last_page_len == nullptr) {
-    return absl::InvalidArgumentError("PagedKvView: null pool, indptr, indices or last_page_len");
+  if (kv.pool == nullptr || kv.indptr == nullptr || kv.indices == nullptr) {
+    return absl::InvalidArgumentError("PagedKvView: null pool, indptr or indices");
+  }
+  if (kv.last_page_len == nullptr && kv.page_len == nullptr) {
+    return absl::InvalidArgumentError("PagedKvView: last_page_len is required without page_len");
   }
   if (kv.num_kv_heads <= 0 || kv.page_tokens <= 0) {
     return absl::InvalidArgumentError("PagedKvView: num_kv_heads and page_tokens must be > 0");
@@ -416,6 +432,7 @@ absl::Status DecodeAttention(const PagedKvView& kv, const DecodeArgs& args, void
   params.indptr = kv.indptr;
   params.indices = kv.indices;
   params.last_page_len = kv.last_page_len;
+  params.page_len = kv.page_len;
   params.token_bias = kv.token_bias;
   params.q = args.q;
   params.page_tokens = kv.page_tokens;
@@ -447,6 +464,7 @@ absl::Status DecodeAttention(const PagedKvView& kv, const DecodeArgs& args, void
     probs.indptr = kv.indptr;
     probs.indices = kv.indices;
     probs.last_page_len = kv.last_page_len;
+    probs.page_len = kv.page_len;
     probs.token_bias = kv.token_bias;
     probs.q = args.q;
     probs.lse = merged_lse;

@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "policies/eviction.h"
 #include "policies/head_roles.h"
+#include "policies/pattern_directory.h"
 #include "tests/engine/engine_fixture.h"
 
 namespace headwise {
@@ -552,7 +553,14 @@ std::string RealGateFile() {
 TEST_F(EngineTest, DuoAttentionRolesFromRealTsv) {
   const std::string tsv = RealGateFile();
   if (tsv.empty()) GTEST_SKIP() << "shared data directory absent: " << HEADWISE_SHARED_DIR;
-  auto gates = LoadDuoAttentionGates(tsv);
+  // As the daemon does it: the spec names the pattern inside a configured pattern directory.
+  const std::filesystem::path root =
+      std::filesystem::path(HEADWISE_SHARED_DIR) / "data/attention/duo_attention/attn_patterns";
+  const std::string name =
+      std::filesystem::path(tsv).parent_path().lexically_relative(root).string();
+  auto patterns = PatternDirectory::Open(root.string());
+  ASSERT_TRUE(patterns.ok()) << patterns.status();
+  auto gates = (*patterns)->LoadGates(name);
   ASSERT_TRUE(gates.ok()) << gates.status();
   ModelLayout layout;
   layout.num_layers = gates->num_layers;
@@ -561,14 +569,16 @@ TEST_F(EngineTest, DuoAttentionRolesFromRealTsv) {
   layout.head_dim = 8;
   layout.dtype = DType::kF32;
   layout.page_tokens = 2;
-  MakeEngine(EngineOptions{}, layout);
+  EngineOptions options;
+  options.patterns = patterns->get();
+  MakeEngine(options, layout);
   headwise::v1::PolicySpec spec = Spec(headwise::v1::Placement::DEVICE_ONLY);
-  spec.mutable_head_roles()->mutable_duo_attention()->set_tsv_path(tsv);
+  spec.mutable_head_roles()->mutable_duo_attention()->set_pattern_name(name);
   spec.mutable_eviction()->mutable_streaming_llm()->set_sink_tokens(2);
   spec.mutable_eviction()->mutable_streaming_llm()->set_recent_tokens(4);
   auto seq = engine_->CreateSequence("small", spec);
   ASSERT_TRUE(seq.ok()) << seq.status();
-  auto roles = ResolveHeadRoles(spec.head_roles(), layout);
+  auto roles = ResolveHeadRoles(spec.head_roles(), layout, patterns->get());
   ASSERT_TRUE(roles.ok());
   ASSERT_GT(roles->Count(HeadRole::kStreaming), 0);
   ASSERT_GT(roles->Count(HeadRole::kRetrieval), 0);

@@ -24,20 +24,8 @@ using testing::ReferenceDecode;
 void DecodeSubset(const RandomPagedKv& kv, const std::vector<std::vector<int32_t>>& pages_of_head,
                   const std::vector<float>& q, int num_q, std::vector<float>& o,
                   std::vector<float>& lse) {
-  const PagedKvView full = kv.view();
-  std::vector<int32_t> indptr = {0}, indices, last;
-  for (int h = 0; h < full.num_kv_heads; ++h) {
-    for (int32_t j : pages_of_head[h]) indices.push_back(full.indices[j]);
-    indptr.push_back(static_cast<int32_t>(indices.size()));
-    // Only the head's real last page is partial.
-    const bool has_last =
-        !pages_of_head[h].empty() && pages_of_head[h].back() == full.indptr[h + 1] - 1;
-    last.push_back(has_last ? full.last_page_len[h] : full.page_tokens);
-  }
-  PagedKvView sub = full;
-  sub.indptr = indptr.data();
-  sub.indices = indices.data();
-  sub.last_page_len = last.data();
+  testing::ViewStorage storage;
+  const PagedKvView sub = kv.SubsetView(pages_of_head, storage);
   DecodeArgs args;
   args.q = q.data();
   args.num_q_heads = num_q;

@@ -11,6 +11,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "cachesvc/base/dtype.h"
@@ -18,35 +19,164 @@
 
 namespace headwise::kernels::testing {
 
+// Page lengths of dense heads: full pages of `page_tokens`, the last holding the rest.
+inline std::vector<std::vector<int32_t>> DensePageLens(const std::vector<int64_t>& tokens,
+                                                       int page_tokens) {
+  std::vector<std::vector<int32_t>> lens(tokens.size());
+  for (size_t h = 0; h < tokens.size(); ++h) {
+    for (int64_t left = tokens[h]; left > 0; left -= page_tokens) {
+      lens[h].push_back(static_cast<int32_t>(std::min<int64_t>(left, page_tokens)));
+    }
+  }
+  return lens;
+}
+
+// Page lengths of sparse heads (after token-level eviction): `pages[h]` pages for head h, each
+// holding a random count in 1..page_tokens, drawn independently for every page.
+inline std::vector<std::vector<int32_t>> RandomPageLens(const std::vector<int>& pages,
+                                                        int page_tokens, uint32_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> count(1, page_tokens);
+  std::vector<std::vector<int32_t>> lens(pages.size());
+  for (size_t h = 0; h < pages.size(); ++h) {
+    for (int k = 0; k < pages[h]; ++k) lens[h].push_back(count(rng));
+  }
+  return lens;
+}
+
+// Arrays of a derived view (prefix or page subset); must outlive the view.
+struct ViewStorage {
+  std::vector<int32_t> indptr, indices, last_page_len, page_len;
+};
+
 // A paged KV cache for one layer, owning its pool and CSR arrays. Token i of head h is the
-// i-th token in the head's page order.
+// i-th token in the head's page order (page k of a head holds its rows 0..len-1).
 class RandomPagedKv {
  public:
-  // `tokens_per_head[h]` tokens for each KV head; pages are placed in random pool slots with
+  // Dense heads: `tokens_per_head[h]` tokens for each KV head, every page full but the last;
+  // view() describes them with last_page_len. Pages are placed in random pool slots with
   // `spare_slots` unused slots mixed in. With `with_bias`, every token gets a random bias in
   // [0, 2) (as merged tokens would).
   RandomPagedKv(DType dtype, int head_dim, int page_tokens, std::vector<int64_t> tokens_per_head,
                 uint32_t seed, bool with_bias = false, int spare_slots = 3)
-      : dtype_(dtype),
-        head_dim_(head_dim),
-        page_tokens_(page_tokens),
-        tokens_(std::move(tokens_per_head)) {
+      : RandomPagedKv(dtype, head_dim, page_tokens, DensePageLens(tokens_per_head, page_tokens),
+                      /*sparse=*/false, seed, with_bias, spare_slots) {}
+
+  // Sparse heads: head h's k-th page holds page_lens[h][k] tokens (1..page_tokens), any page
+  // partial; view() describes them with page_len and a null last_page_len.
+  static RandomPagedKv WithPageLens(DType dtype, int head_dim, int page_tokens,
+                                    std::vector<std::vector<int32_t>> page_lens, uint32_t seed,
+                                    bool with_bias = false, int spare_slots = 3) {
+    return RandomPagedKv(dtype, head_dim, page_tokens, std::move(page_lens), /*sparse=*/true, seed,
+                         with_bias, spare_slots);
+  }
+
+  PagedKvView view() const {
+    PagedKvView kv;
+    kv.pool = pool_.data();
+    kv.indptr = indptr_.data();
+    kv.indices = indices_.data();
+    if (sparse_) {
+      kv.page_len = page_len_.data();
+    } else {
+      kv.last_page_len = last_page_len_.data();
+    }
+    kv.token_bias = bias_.empty() ? nullptr : bias_.data();
+    kv.num_slots = num_slots_;
+    kv.num_kv_heads = num_kv_heads();
+    kv.page_tokens = page_tokens_;
+    kv.head_dim = head_dim_;
+    kv.dtype = dtype_;
+    return kv;
+  }
+
+  // A view of only the first `n[h]` tokens of each head (n[h] <= tokens(h)): the head's first
+  // pages, the last of them cut short. Same token-count mode as view().
+  using PrefixStorage = ViewStorage;
+  PagedKvView PrefixView(const std::vector<int64_t>& n, ViewStorage& storage) const {
+    storage = ViewStorage{};
+    storage.indptr.push_back(0);
+    for (size_t h = 0; h < n.size(); ++h) {
+      int64_t left = n[h];
+      int32_t last = 0;
+      for (int32_t j = indptr_[h]; j < indptr_[h + 1] && left > 0; ++j) {
+        last = static_cast<int32_t>(std::min<int64_t>(left, page_len_[j]));
+        left -= last;
+        storage.indices.push_back(indices_[j]);
+        storage.page_len.push_back(last);
+      }
+      storage.indptr.push_back(static_cast<int32_t>(storage.indices.size()));
+      storage.last_page_len.push_back(last);
+    }
+    return Derived(storage, sparse_);
+  }
+
+  // A view of a subset of each head's pages, as a page selector would name them:
+  // pages_of_head[h] lists CSR page positions of view() that belong to head h, in the order the
+  // derived view keeps them. Always described with page_len.
+  PagedKvView SubsetView(const std::vector<std::vector<int32_t>>& pages_of_head,
+                         ViewStorage& storage) const {
+    storage = ViewStorage{};
+    storage.indptr.push_back(0);
+    for (const std::vector<int32_t>& pages : pages_of_head) {
+      for (int32_t j : pages) {
+        storage.indices.push_back(indices_[j]);
+        storage.page_len.push_back(page_len_[j]);
+      }
+      storage.indptr.push_back(static_cast<int32_t>(storage.indices.size()));
+    }
+    return Derived(storage, /*sparse=*/true);
+  }
+
+  int num_kv_heads() const { return static_cast<int>(tokens_.size()); }
+  int64_t tokens(int h) const { return tokens_[h]; }
+  int64_t total_pages() const { return indptr_.back(); }
+  int page_tokens() const { return page_tokens_; }
+  // CSR page positions of head h in view(): [first_page(h), first_page(h + 1)).
+  int32_t first_page(int h) const { return indptr_[h]; }
+  // Valid tokens of CSR page position j, and the head-token index of its first token.
+  int32_t page_len(int32_t j) const { return page_len_[j]; }
+  int64_t page_first_token(int32_t j) const { return page_first_[j]; }
+  // CSR page position of token i of head h.
+  int32_t PageOf(int h, int64_t i) const {
+    const auto begin = page_first_.begin() + indptr_[h];
+    const auto end = page_first_.begin() + indptr_[h + 1];
+    return static_cast<int32_t>(std::upper_bound(begin, end, i) - page_first_.begin() - 1);
+  }
+
+  // Stored key/value element c of token i of head h, as float.
+  float K(int h, int64_t i, int c) const { return Element(h, i, c, /*value=*/false); }
+  float V(int h, int64_t i, int c) const { return Element(h, i, c, /*value=*/true); }
+  float Bias(int h, int64_t i) const {
+    if (bias_.empty()) return 0.0f;
+    const int32_t j = PageOf(h, i);
+    return bias_[int64_t{indices_[j]} * page_tokens_ + (i - page_first_[j])];
+  }
+
+ private:
+  RandomPagedKv(DType dtype, int head_dim, int page_tokens,
+                std::vector<std::vector<int32_t>> page_lens, bool sparse, uint32_t seed,
+                bool with_bias, int spare_slots)
+      : dtype_(dtype), head_dim_(head_dim), page_tokens_(page_tokens), sparse_(sparse) {
     std::mt19937_64 rng(seed);
-    const int heads = static_cast<int>(tokens_.size());
     indptr_.push_back(0);
-    for (int h = 0; h < heads; ++h) {
-      const int64_t pages = (tokens_[h] + page_tokens - 1) / page_tokens;
-      indptr_.push_back(indptr_.back() + static_cast<int32_t>(pages));
-      last_page_len_.push_back(
-          pages == 0 ? 0 : static_cast<int32_t>(tokens_[h] - (pages - 1) * page_tokens));
+    for (const std::vector<int32_t>& lens : page_lens) {
+      int64_t n = 0;
+      for (int32_t len : lens) {
+        page_first_.push_back(n);
+        page_len_.push_back(len);
+        n += len;
+      }
+      tokens_.push_back(n);
+      indptr_.push_back(static_cast<int32_t>(page_len_.size()));
+      last_page_len_.push_back(lens.empty() ? 0 : lens.back());
     }
     num_slots_ = indptr_.back() + spare_slots;
     std::vector<int32_t> slots(num_slots_);
     std::iota(slots.begin(), slots.end(), 0);
     std::shuffle(slots.begin(), slots.end(), rng);
     indices_.assign(slots.begin(), slots.begin() + indptr_.back());
-    page_bytes_ = PageBytes(page_tokens, head_dim, dtype);
-    pool_.resize(num_slots_ * page_bytes_);
+    pool_.resize(num_slots_ * PageBytes(page_tokens, head_dim, dtype));
     // Every element, used or not, is random: a kernel reading past a partial page or the wrong
     // slot produces a visibly wrong answer instead of a lucky zero.
     std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -59,77 +189,32 @@ class RandomPagedKv {
     }
   }
 
-  PagedKvView view() const {
-    PagedKvView kv;
-    kv.pool = pool_.data();
-    kv.indptr = indptr_.data();
-    kv.indices = indices_.data();
-    kv.last_page_len = last_page_len_.data();
-    kv.token_bias = bias_.empty() ? nullptr : bias_.data();
-    kv.num_slots = num_slots_;
-    kv.num_kv_heads = static_cast<int>(tokens_.size());
-    kv.page_tokens = page_tokens_;
-    kv.head_dim = head_dim_;
-    kv.dtype = dtype_;
-    return kv;
-  }
-
-  // A view of only the first `n[h]` tokens of each head (n[h] <= tokens(h)); the arrays it
-  // points to live in `storage`, which must outlive the view.
-  struct PrefixStorage {
-    std::vector<int32_t> indptr, indices, last_page_len;
-  };
-  PagedKvView PrefixView(const std::vector<int64_t>& n, PrefixStorage& storage) const {
-    storage.indptr.assign(1, 0);
-    storage.last_page_len.clear();
-    for (size_t h = 0; h < n.size(); ++h) {
-      const int64_t pages = (n[h] + page_tokens_ - 1) / page_tokens_;
-      storage.indptr.push_back(storage.indptr.back() + static_cast<int32_t>(pages));
-      storage.last_page_len.push_back(
-          pages == 0 ? 0 : static_cast<int32_t>(n[h] - (pages - 1) * page_tokens_));
-    }
-    // Head h's pages are a prefix of its pages in the full cache.
-    storage.indices.clear();
-    for (size_t h = 0; h < n.size(); ++h) {
-      for (int32_t j = 0; j < storage.indptr[h + 1] - storage.indptr[h]; ++j) {
-        storage.indices.push_back(indices_[indptr_[h] + j]);
-      }
-    }
+  PagedKvView Derived(const ViewStorage& storage, bool sparse) const {
     PagedKvView kv = view();
     kv.indptr = storage.indptr.data();
-    kv.last_page_len = storage.last_page_len.data();
     kv.indices = storage.indices.data();
+    kv.last_page_len = sparse ? nullptr : storage.last_page_len.data();
+    kv.page_len = sparse ? storage.page_len.data() : nullptr;
     return kv;
   }
 
-  int num_kv_heads() const { return static_cast<int>(tokens_.size()); }
-  int64_t tokens(int h) const { return tokens_[h]; }
-  int64_t total_pages() const { return indptr_.back(); }
-
-  // Stored key/value element c of token i of head h, as float.
-  float K(int h, int64_t i, int c) const { return Element(h, i, c, /*value=*/false); }
-  float V(int h, int64_t i, int c) const { return Element(h, i, c, /*value=*/true); }
-  float Bias(int h, int64_t i) const {
-    if (bias_.empty()) return 0.0f;
-    return bias_[int64_t{Slot(h, i)} * page_tokens_ + i % page_tokens_];
-  }
-
- private:
-  int32_t Slot(int h, int64_t i) const { return indices_[indptr_[h] + i / page_tokens_]; }
   float Element(int h, int64_t i, int c, bool value) const {
-    const int64_t elem = int64_t{Slot(h, i)} * 2 * page_tokens_ * head_dim_ +
+    const int32_t j = PageOf(h, i);
+    const int64_t elem = int64_t{indices_[j]} * 2 * page_tokens_ * head_dim_ +
                          (value ? int64_t{page_tokens_} * head_dim_ : 0) +
-                         (i % page_tokens_) * head_dim_ + c;
+                         (i - page_first_[j]) * head_dim_ + c;
     return LoadAsFloat(pool_.data(), dtype_, elem);
   }
 
   DType dtype_;
   int head_dim_;
   int page_tokens_;
+  bool sparse_;
   std::vector<int64_t> tokens_;
-  std::vector<int32_t> indptr_, indices_, last_page_len_;
+  // Per CSR page position: valid tokens and the head-token index of the first one.
+  std::vector<int32_t> indptr_, indices_, page_len_, last_page_len_;
+  std::vector<int64_t> page_first_;
   int64_t num_slots_ = 0;
-  int64_t page_bytes_ = 0;
   std::vector<std::byte> pool_;
   std::vector<float> bias_;
 };

@@ -154,7 +154,7 @@ TEST(Planner, DuoAttentionWithRealGatesHalvesLlama3KvAtOneMillionTokens) {
   const Plan plan = MustPlan(Options({.name = "duo_attention",
                                       .sink_tokens = 64,
                                       .recent_tokens = 256,
-                                      .duo_tsv = tsv,
+                                      .duo_gates = *LoadDuoAttentionGates(tsv),
                                       .sparsity = 0.5},
                                      kMillion));
   ExpectDuoHalves(plan);
@@ -263,9 +263,10 @@ TEST(Planner, RejectsBadInputs) {
   EXPECT_FALSE(BuildPolicySpec({.name = "streaming_llm", .sink_tokens = -1}, layout).ok());
   EXPECT_FALSE(BuildPolicySpec({.name = "head_offload", .device_head_groups = 0}, layout).ok());
 
-  PlanOptions missing = Options({.name = "duo_attention"}, 100);
-  missing.policy.mutable_head_roles()->mutable_duo_attention()->set_tsv_path("/nonexistent.tsv");
-  EXPECT_EQ(MakePlan(missing).status().code(), absl::StatusCode::kNotFound);
+  // The planner has no pattern directory: a named pattern is refused, nothing is opened.
+  PlanOptions named = Options({.name = "duo_attention"}, 100);
+  named.policy.mutable_head_roles()->mutable_duo_attention()->set_pattern_name("a/b");
+  EXPECT_EQ(MakePlan(named).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

@@ -191,7 +191,7 @@ TEST(Registry, NegativeWindowsAreInvalidArgument) {
   for (bool duo : {false, true}) {
     for (bool negative_sink : {false, true}) {
       headwise::v1::PolicySpec spec;
-      if (duo) spec.mutable_head_roles()->mutable_duo_attention()->set_tsv_path("x.tsv");
+      if (duo) spec.mutable_head_roles()->mutable_duo_attention()->set_pattern_name("x");
       auto* streaming = spec.mutable_eviction()->mutable_streaming_llm();
       if (negative_sink) {
         streaming->set_sink_tokens(-1);

@@ -4,11 +4,13 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/random/random.h"
 #include "gtest/gtest.h"
+#include "policies/pattern_directory.h"
 
 namespace headwise {
 namespace {
@@ -195,10 +197,10 @@ TEST(DuoAttentionGates, RejectsMalformedTsv) {
       {"only blank and comments", "\n# comment\n\n", "no rows"},
       {"ragged", "0.1\t0.2\n0.3\n", "t.tsv:2: row has 1 columns, but the first row (line 1)"},
       {"ragged longer", "0.1\t0.2\n0.3\t0.4\t0.5\n", "t.tsv:2"},
-      {"not a number", "0.1\tabc\n", "t.tsv:1: column 2: 'abc' is not a number"},
+      {"not a number", "0.1\tabc\n", "t.tsv:1: column 2: expected a decimal number"},
       {"trailing junk", "0.1\t0.2x\n", "t.tsv:1: column 2"},
       {"empty field", "0.1\t\t0.2\n", "t.tsv:1: column 2: empty field"},
-      {"above one", "0.5\n1.5\n", "t.tsv:2: column 1: gate 1.5 is outside [0, 1]"},
+      {"above one", "0.5\n1.5\n", "t.tsv:2: column 1: expected a gate in [0, 1]"},
       {"below zero", "0.5\n-0.2\n", "t.tsv:2"},
       {"nan", "0.5\nnan\n", "t.tsv:2"},
       {"inf", "inf\n", "t.tsv:1"},
@@ -209,6 +211,27 @@ TEST(DuoAttentionGates, RejectsMalformedTsv) {
     EXPECT_EQ(gates.status().code(), absl::StatusCode::kInvalidArgument) << c.name;
     EXPECT_NE(std::string(gates.status().message()).find(c.message_part), std::string::npos)
         << c.name << ": " << gates.status();
+  }
+}
+
+// The text parsed may be any file (a tenant once could name /etc/shadow): no error quotes it,
+// neither a field that is not a number nor a number out of range.
+TEST(DuoAttentionGates, ErrorsNeverQuoteTheText) {
+  const std::string cases[] = {
+      "root:SECRET-Xq7:19000:0:99999:7:::\n",
+      "0.5\tSECRET-Xq7\n",
+      "0.5\n0.25\tSECRET-Xq7\n",
+      "0.5\n7.125\n",  // The out-of-range value itself must not be echoed.
+      std::string("SECRET-Xq7\0\x01\xff\n", 14),
+  };
+  for (const std::string& text : cases) {
+    absl::StatusOr<DuoAttentionGates> gates = ParseDuoAttentionGates(text, "t.tsv");
+    ASSERT_EQ(gates.status().code(), absl::StatusCode::kInvalidArgument) << text;
+    const std::string message(gates.status().message());
+    EXPECT_EQ(message.find("SECRET"), std::string::npos) << message;
+    EXPECT_EQ(message.find("Xq7"), std::string::npos) << message;
+    EXPECT_EQ(message.find("7.125"), std::string::npos) << message;
+    EXPECT_EQ(message.find("t.tsv:"), 0u) << message;  // Where, not what.
   }
 }
 
@@ -266,14 +289,18 @@ TEST(ResolveHeadRoles, Errors) {
   source.mutable_duo_attention();  // No gates.
   EXPECT_EQ(ResolveHeadRoles(source, SmallLayout()).status().code(),
             absl::StatusCode::kInvalidArgument);
-  source.mutable_duo_attention()->set_tsv_path("/nonexistent/full_attention_heads.tsv");
-  EXPECT_EQ(ResolveHeadRoles(source, SmallLayout()).status().code(), absl::StatusCode::kNotFound);
-
-  // A 1 x 2 file for a 2 x 4 model: shape mismatch.
-  const std::string path = ::testing::TempDir() + "/gates_1x2.tsv";
-  std::ofstream(path) << "0.1\t0.9\n";
-  source.mutable_duo_attention()->set_tsv_path(path);
+  // A pattern name without a pattern directory: refused before anything is opened.
+  source.mutable_duo_attention()->set_pattern_name("gates_1x2");
   absl::StatusOr<HeadRoles> roles = ResolveHeadRoles(source, SmallLayout());
+  EXPECT_EQ(roles.status().code(), absl::StatusCode::kFailedPrecondition) << roles.status();
+
+  // A 1 x 2 pattern for a 2 x 4 model: shape mismatch.
+  const fs::path dir = fs::path(::testing::TempDir()) / "head_roles_patterns";
+  fs::create_directories(dir / "gates_1x2");
+  std::ofstream(dir / "gates_1x2" / "full_attention_heads.tsv") << "0.1\t0.9\n";
+  absl::StatusOr<std::unique_ptr<PatternDirectory>> patterns = PatternDirectory::Open(dir);
+  ASSERT_TRUE(patterns.ok()) << patterns.status();
+  roles = ResolveHeadRoles(source, SmallLayout(), patterns->get());
   EXPECT_EQ(roles.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(std::string(roles.status().message()).find("1 layers x 2 kv heads"), std::string::npos)
       << roles.status();

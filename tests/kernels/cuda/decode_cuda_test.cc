@@ -83,11 +83,18 @@ struct HostKv {
   std::vector<int32_t> indptr;
   std::vector<int32_t> indices;
   std::vector<int32_t> last_page_len;
-  std::vector<float> bias;  // Empty: no bias.
+  std::vector<int32_t> page_len;  // Per CSR page position (sparse heads); empty: dense rule.
+  std::vector<float> bias;        // Empty: no bias.
 
+  // Valid tokens of CSR page position j of head h.
+  int PageTokens(int h, int j) const {
+    if (!page_len.empty()) return page_len[j];
+    return j == indptr[h + 1] - 1 ? last_page_len[h] : page_tokens;
+  }
   int64_t HeadTokens(int h) const {
-    const int pages = indptr[h + 1] - indptr[h];
-    return pages == 0 ? 0 : int64_t{pages - 1} * page_tokens + last_page_len[h];
+    int64_t n = 0;
+    for (int j = indptr[h]; j < indptr[h + 1]; ++j) n += PageTokens(h, j);
+    return n;
   }
   // Stored element `d` of the K (v = false) or V row of token `t` of slot `slot`.
   double Load(int64_t slot, bool v, int t, int d) const {
@@ -97,21 +104,13 @@ struct HostKv {
   }
 };
 
-// Heads hold `head_tokens[h]` tokens. Pages go to randomly shuffled slots of a pool with spare
-// slots, so the table is out of order and not contiguous. Every element is random and non-zero.
-HostKv MakeKv(const std::vector<int>& head_tokens, int page_tokens, int head_dim, DType dtype,
-              bool with_bias, std::mt19937& rng) {
-  HostKv kv;
-  kv.num_kv_heads = static_cast<int>(head_tokens.size());
-  kv.page_tokens = page_tokens;
-  kv.head_dim = head_dim;
-  kv.dtype = dtype;
-  kv.indptr.push_back(0);
-  for (int tokens : head_tokens) {
-    const int pages = (tokens + page_tokens - 1) / page_tokens;
-    kv.indptr.push_back(kv.indptr.back() + pages);
-    kv.last_page_len.push_back(pages == 0 ? 1 : tokens - (pages - 1) * page_tokens);
-  }
+// Fills the pool of `kv` (its CSR counts already set): pages go to randomly shuffled slots of a
+// pool with spare slots, so the table is out of order and not contiguous. Every element is
+// random and non-zero, including the rows past a partial page.
+void FillPool(HostKv& kv, bool with_bias, std::mt19937& rng) {
+  const int page_tokens = kv.page_tokens;
+  const int head_dim = kv.head_dim;
+  const DType dtype = kv.dtype;
   const int total_pages = kv.indptr.back();
   kv.num_slots = total_pages + 7;
   std::vector<int32_t> slots(kv.num_slots);
@@ -128,6 +127,43 @@ HostKv MakeKv(const std::vector<int>& head_tokens, int page_tokens, int head_dim
     kv.bias.resize(kv.num_slots * page_tokens);
     for (float& b : kv.bias) b = bias(rng);
   }
+}
+
+// The shape of a layout whose CSR table is still empty (indptr = {0}).
+HostKv NoPages(int num_kv_heads, int page_tokens, int head_dim, DType dtype) {
+  HostKv kv;
+  kv.num_kv_heads = num_kv_heads;
+  kv.page_tokens = page_tokens;
+  kv.head_dim = head_dim;
+  kv.dtype = dtype;
+  kv.indptr.push_back(0);
+  return kv;
+}
+
+// Heads hold `head_tokens[h]` tokens, every page full but the last (last_page_len).
+HostKv MakeKv(const std::vector<int>& head_tokens, int page_tokens, int head_dim, DType dtype,
+              bool with_bias, std::mt19937& rng) {
+  HostKv kv = NoPages(static_cast<int>(head_tokens.size()), page_tokens, head_dim, dtype);
+  for (int tokens : head_tokens) {
+    const int pages = (tokens + page_tokens - 1) / page_tokens;
+    kv.indptr.push_back(kv.indptr.back() + pages);
+    kv.last_page_len.push_back(pages == 0 ? 1 : tokens - (pages - 1) * page_tokens);
+  }
+  FillPool(kv, with_bias, rng);
+  return kv;
+}
+
+// Sparse heads (after token-level eviction): head h has head_pages[h] pages, each holding a
+// random count in 1..page_tokens (page_len); no last_page_len.
+HostKv MakeSparseKv(const std::vector<int>& head_pages, int page_tokens, int head_dim, DType dtype,
+                    bool with_bias, std::mt19937& rng) {
+  HostKv kv = NoPages(static_cast<int>(head_pages.size()), page_tokens, head_dim, dtype);
+  std::uniform_int_distribution<int32_t> count(1, page_tokens);
+  for (int pages : head_pages) {
+    kv.indptr.push_back(kv.indptr.back() + pages);
+    for (int k = 0; k < pages; ++k) kv.page_len.push_back(count(rng));
+  }
+  FillPool(kv, with_bias, rng);
   return kv;
 }
 
@@ -155,7 +191,7 @@ Reference ComputeReference(const HostKv& kv, const std::vector<float>& q, int nu
     if (kv.HeadTokens(h) == 0) continue;
     std::vector<double> logits;
     for (int j = kv.indptr[h]; j < kv.indptr[h + 1]; ++j) {
-      const int tokens = j == kv.indptr[h + 1] - 1 ? kv.last_page_len[h] : kv.page_tokens;
+      const int tokens = kv.PageTokens(h, j);
       for (int t = 0; t < tokens; ++t) {
         double dot = 0.0;
         for (int d = 0; d < d_max; ++d)
@@ -171,7 +207,7 @@ Reference ComputeReference(const HostKv& kv, const std::vector<float>& q, int nu
     ref.lse[qh] = m + std::log(sum);
     size_t i = 0;
     for (int j = kv.indptr[h]; j < kv.indptr[h + 1]; ++j) {
-      const int tokens = j == kv.indptr[h + 1] - 1 ? kv.last_page_len[h] : kv.page_tokens;
+      const int tokens = kv.PageTokens(h, j);
       for (int t = 0; t < tokens; ++t, ++i) {
         const double p = std::exp(logits[i] - ref.lse[qh]);
         ref.token_probs[int64_t{j} * kv.page_tokens + t] += p / group;
@@ -202,99 +238,125 @@ std::string CaseName(const testing::TestParamInfo<DecodeCase>& info) {
          "_g" + std::to_string(info.param.group_size);
 }
 
+// Uploads `host`, then decodes with automatic, single and several splits, with and without lse
+// (the latter uses the workspace lse for token_probs), and checks every output against `ref`.
+// Sparse hosts (page_len) are uploaded without last_page_len.
+void CheckOnDevice(const HostKv& host, const std::vector<float>& q, int num_q_heads,
+                   const Reference& ref, cudaStream_t stream) {
+  const DeviceBuffer pool(host.pool);
+  const DeviceBuffer indptr(host.indptr);
+  const DeviceBuffer indices(host.indices);
+  const DeviceBuffer last_page_len(host.last_page_len);
+  const DeviceBuffer page_len(host.page_len);
+  const DeviceBuffer bias(host.bias);
+  const DeviceBuffer q_dev(q);
+  const int pages = host.indptr.back();
+  const int page_tokens = host.page_tokens;
+  const int head_dim = host.head_dim;
+  PagedKvView kv;
+  kv.pool = pool.get<std::byte>();
+  kv.indptr = indptr.get<int32_t>();
+  kv.indices = indices.get<int32_t>();
+  kv.last_page_len = host.page_len.empty() ? last_page_len.get<int32_t>() : nullptr;
+  kv.page_len = host.page_len.empty() ? nullptr : page_len.get<int32_t>();
+  kv.token_bias = host.bias.empty() ? nullptr : bias.get<float>();
+  kv.num_slots = host.num_slots;
+  kv.num_kv_heads = host.num_kv_heads;
+  kv.page_tokens = page_tokens;
+  kv.head_dim = head_dim;
+  kv.dtype = host.dtype;
+
+  for (int splits : {0, 1, 3}) {
+    for (bool with_lse : {true, false}) {
+      SCOPED_TRACE(testing::Message() << "splits=" << splits << " lse=" << with_lse);
+      DeviceBuffer o(int64_t{num_q_heads} * head_dim * sizeof(float));
+      DeviceBuffer lse(num_q_heads * sizeof(float));
+      DeviceBuffer probs(int64_t{pages} * page_tokens * sizeof(float));
+      DeviceBuffer mass(pages * sizeof(float));
+      // Poison the outputs so unwritten entries show up.
+      ASSERT_EQ(cudaMemset(probs.get<float>(), 0x7f, int64_t{pages} * page_tokens * 4),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemset(mass.get<float>(), 0x7f, int64_t{pages} * 4), cudaSuccess);
+      DecodeArgs args;
+      args.q = q_dev.get<float>();
+      args.num_q_heads = num_q_heads;
+      args.o = o.get<float>();
+      args.lse = with_lse ? lse.get<float>() : nullptr;
+      args.token_probs = probs.get<float>();
+      args.page_mass = mass.get<float>();
+      DecodeOptions options;
+      options.num_splits = splits;
+      ASSERT_TRUE(DecodeAttention(kv, args, stream, options).ok());
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+
+      const std::vector<float> got_o = o.Download<float>(int64_t{num_q_heads} * head_dim);
+      for (size_t i = 0; i < got_o.size(); ++i) {
+        ASSERT_NEAR(got_o[i], ref.o[i], kRelTol * ref.o_scale[i] + 1e-30) << "o element " << i;
+      }
+      if (with_lse) {
+        const std::vector<float> got_lse = lse.Download<float>(num_q_heads);
+        for (int qh = 0; qh < num_q_heads; ++qh) {
+          if (std::isinf(ref.lse[qh])) {
+            EXPECT_EQ(got_lse[qh], -kInf) << "query head " << qh;
+          } else {
+            EXPECT_NEAR(got_lse[qh], ref.lse[qh], kRelTol * std::max(1.0, std::abs(ref.lse[qh])))
+                << "query head " << qh;
+          }
+        }
+      }
+      // Rows past a page's valid count are 0 in both the reference and the kernel.
+      const std::vector<float> got_probs = probs.Download<float>(int64_t{pages} * page_tokens);
+      for (size_t i = 0; i < got_probs.size(); ++i) {
+        ASSERT_NEAR(got_probs[i], ref.token_probs[i], kRelTol * ref.token_probs[i] + 1e-12)
+            << "token_probs entry " << i;
+      }
+      const std::vector<float> got_mass = mass.Download<float>(pages);
+      for (int j = 0; j < pages; ++j) {
+        EXPECT_NEAR(got_mass[j], ref.page_mass[j], kRelTol * ref.page_mass[j] + 1e-12)
+            << "page " << j;
+      }
+    }
+  }
+}
+
+// Builds a layout with `make(with_bias, rng)` for each bias setting, and checks it on the device.
+template <typename MakeHost>
+void CheckCase(const DecodeCase& c, uint32_t seed, MakeHost make) {
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  for (bool with_bias : {false, true}) {
+    SCOPED_TRACE(testing::Message() << "bias=" << with_bias);
+    std::mt19937 rng(seed + c.head_dim * 10 + c.group_size + (with_bias ? 7 : 0));
+    const HostKv host = make(with_bias, rng);
+    const int num_q_heads = host.num_kv_heads * c.group_size;
+    std::vector<float> q(int64_t{num_q_heads} * c.head_dim);
+    for (float& x : q) x = RandomNonZero(rng);
+    const Reference ref = ComputeReference(host, q, num_q_heads, 1.0 / std::sqrt(c.head_dim));
+    CheckOnDevice(host, q, num_q_heads, ref, stream);
+  }
+  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+}
+
 class DecodeCudaTest : public testing::TestWithParam<DecodeCase> {};
 
-// One KV layout, several calls: with and without bias, lse and probabilities, with automatic,
-// single and several splits. Head 1 is empty, head 0 ends on a partial page, head 2 on a full
+// Dense heads (last_page_len). Head 1 is empty, head 0 ends on a partial page, head 2 on a full
 // one, head 3 holds one token.
 TEST_P(DecodeCudaTest, MatchesFloat64Reference) {
   SKIP_WITHOUT_GPU();
   const DecodeCase c = GetParam();
-  constexpr int kPageTokens = 16;
-  const std::vector<int> head_tokens = {37, 0, 80, 1};
-  const int num_kv_heads = static_cast<int>(head_tokens.size());
-  const int num_q_heads = num_kv_heads * c.group_size;
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  CheckCase(c, 1234, [&](bool with_bias, std::mt19937& rng) {
+    return MakeKv({37, 0, 80, 1}, 16, c.head_dim, c.dtype, with_bias, rng);
+  });
+}
 
-  for (bool with_bias : {false, true}) {
-    std::mt19937 rng(1234 + c.head_dim * 10 + c.group_size + (with_bias ? 7 : 0));
-    const HostKv host = MakeKv(head_tokens, kPageTokens, c.head_dim, c.dtype, with_bias, rng);
-    std::vector<float> q(int64_t{num_q_heads} * c.head_dim);
-    for (float& x : q) x = RandomNonZero(rng);
-    const Reference ref = ComputeReference(host, q, num_q_heads, 1.0 / std::sqrt(c.head_dim));
-
-    const DeviceBuffer pool(host.pool);
-    const DeviceBuffer indptr(host.indptr);
-    const DeviceBuffer indices(host.indices);
-    const DeviceBuffer last_page_len(host.last_page_len);
-    const DeviceBuffer bias(host.bias);
-    const DeviceBuffer q_dev(q);
-    const int pages = host.indptr.back();
-    PagedKvView kv;
-    kv.pool = pool.get<std::byte>();
-    kv.indptr = indptr.get<int32_t>();
-    kv.indices = indices.get<int32_t>();
-    kv.last_page_len = last_page_len.get<int32_t>();
-    kv.token_bias = with_bias ? bias.get<float>() : nullptr;
-    kv.num_slots = host.num_slots;
-    kv.num_kv_heads = num_kv_heads;
-    kv.page_tokens = kPageTokens;
-    kv.head_dim = c.head_dim;
-    kv.dtype = c.dtype;
-
-    for (int splits : {0, 1, 3}) {
-      for (bool with_lse : {true, false}) {
-        SCOPED_TRACE(testing::Message()
-                     << "bias=" << with_bias << " splits=" << splits << " lse=" << with_lse);
-        DeviceBuffer o(int64_t{num_q_heads} * c.head_dim * sizeof(float));
-        DeviceBuffer lse(num_q_heads * sizeof(float));
-        DeviceBuffer probs(int64_t{pages} * kPageTokens * sizeof(float));
-        DeviceBuffer mass(pages * sizeof(float));
-        // Poison the outputs so unwritten entries show up.
-        ASSERT_EQ(cudaMemset(probs.get<float>(), 0x7f, int64_t{pages} * kPageTokens * 4),
-                  cudaSuccess);
-        DecodeArgs args;
-        args.q = q_dev.get<float>();
-        args.num_q_heads = num_q_heads;
-        args.o = o.get<float>();
-        args.lse = with_lse ? lse.get<float>() : nullptr;
-        args.token_probs = probs.get<float>();
-        args.page_mass = mass.get<float>();
-        DecodeOptions options;
-        options.num_splits = splits;
-        ASSERT_TRUE(DecodeAttention(kv, args, stream, options).ok());
-        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-
-        const std::vector<float> got_o = o.Download<float>(int64_t{num_q_heads} * c.head_dim);
-        for (size_t i = 0; i < got_o.size(); ++i) {
-          ASSERT_NEAR(got_o[i], ref.o[i], kRelTol * ref.o_scale[i] + 1e-30) << "o element " << i;
-        }
-        if (with_lse) {
-          const std::vector<float> got_lse = lse.Download<float>(num_q_heads);
-          for (int qh = 0; qh < num_q_heads; ++qh) {
-            if (std::isinf(ref.lse[qh])) {
-              EXPECT_EQ(got_lse[qh], -kInf) << "query head " << qh;
-            } else {
-              EXPECT_NEAR(got_lse[qh], ref.lse[qh], kRelTol * std::max(1.0, std::abs(ref.lse[qh])))
-                  << "query head " << qh;
-            }
-          }
-        }
-        const std::vector<float> got_probs = probs.Download<float>(int64_t{pages} * kPageTokens);
-        for (size_t i = 0; i < got_probs.size(); ++i) {
-          ASSERT_NEAR(got_probs[i], ref.token_probs[i], kRelTol * ref.token_probs[i] + 1e-12)
-              << "token_probs entry " << i;
-        }
-        const std::vector<float> got_mass = mass.Download<float>(pages);
-        for (int j = 0; j < pages; ++j) {
-          EXPECT_NEAR(got_mass[j], ref.page_mass[j], kRelTol * ref.page_mass[j] + 1e-12)
-              << "page " << j;
-        }
-      }
-    }
-  }
-  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+// Sparse heads (page_len, no last_page_len): every page holds a random count 1..16; head 1 has
+// no pages.
+TEST_P(DecodeCudaTest, SparsePagesMatchFloat64Reference) {
+  SKIP_WITHOUT_GPU();
+  const DecodeCase c = GetParam();
+  CheckCase(c, 4321, [&](bool with_bias, std::mt19937& rng) {
+    return MakeSparseKv({9, 0, 14, 1}, 16, c.head_dim, c.dtype, with_bias, rng);
+  });
 }
 
 std::vector<DecodeCase> AllCases() {
@@ -480,6 +542,14 @@ TEST_F(DecodeCudaValidationTest, RejectsUnknownDtypeAndBadSizes) {
   kv_.dtype = DType::kBF16;
   kv_.page_tokens = 0;
   EXPECT_EQ(DecodeAttention(kv_, args_, nullptr).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(DecodeCudaValidationTest, NeedsLastPageLenOrPageLen) {
+  kv_.last_page_len = nullptr;
+  EXPECT_EQ(DecodeAttention(kv_, args_, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  if (DeviceAvailable()) return;  // The dummy pointers are host memory: never launch on them.
+  kv_.page_len = dummy_;  // page_len alone is enough; the call then fails only for the device.
+  EXPECT_EQ(DecodeAttention(kv_, args_, nullptr).code(), absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(MergeAttentionStatesCudaValidationTest, RejectsBadArguments) {
