@@ -1,7 +1,5 @@
 #include "cachesvc/engine.h"
 
-#include "cachesvc/engine_internal.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -10,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cachesvc/base/status_macros.h"
+#include "cachesvc/engine_internal.h"
 #include "cachesvc/placement.h"
 #include "kernels/attention.h"
 #include "policies/page_meta.h"
@@ -281,6 +280,7 @@ void Engine::ReleaseAllPages(Sequence& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
 absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier tier,
                                           size_t protect_begin,
                                           size_t protect_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  RETURN_IF_ERROR(Fault(tier == Tier::kDevice ? "alloc.device" : "alloc.host"));
   if (table.has_arena && table.arena_tier == tier && table.arena_next < table.arena.end_slot()) {
     return table.arena_next++;
   }
@@ -740,10 +740,10 @@ absl::Status Engine::RunDecode(Sequence& s, const Staging& staged, const float* 
     args.token_probs = s.probs_scratch.data();
     args.page_mass = s.mass_scratch.data();
   }
-  return kernels::DecodeAttention(ViewOf(*s.pools().device, s.layout(), staged.indptr,
-                                         staged.indices, staged.last_page_len, staged.page_len,
-                                         num_heads),
-                                  args);
+  return kernels::DecodeAttention(
+      ViewOf(*s.pools().device, s.layout(), staged.indptr, staged.indices, staged.last_page_len,
+             staged.page_len, num_heads),
+      args);
 }
 
 // HeadInfer: the layer is attended in parts, part i computing while parts i+1 .. i+ahead are
@@ -769,9 +769,9 @@ absl::Status Engine::AttendHeadwise(Sequence& s, int layer, const float* q, floa
     const size_t n = lists == nullptr ? s.table(layer, h).phys.size() : (*lists)[h].size();
     const size_t cuts = std::max<size_t>(1, (n + share - 1) / share);
     if (cuts > 1 && s.wants_stats) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "head ", h, " of layer ", layer, " is longer than the device share (", share,
-          " pages): attention statistics across a split head are not supported"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("head ", h, " of layer ", layer, " is longer than the device share (", share,
+                       " pages): attention statistics across a split head are not supported"));
     }
     for (size_t c = 0; c < cuts; ++c) parts.push_back(Part{h, n * c / cuts, n * (c + 1) / cuts});
   }
@@ -819,8 +819,9 @@ absl::Status Engine::AttendHeadwise(Sequence& s, int layer, const float* q, floa
   return st;
 }
 
-absl::Status Engine::MergeParts(const std::vector<float>& part_o, const std::vector<float>& part_lse,
-                                int g, int D, int head, float* o, float* lse) {
+absl::Status Engine::MergeParts(const std::vector<float>& part_o,
+                                const std::vector<float>& part_lse, int g, int D, int head,
+                                float* o, float* lse) {
   const int n = static_cast<int>(part_lse.size() / g);
   std::vector<const float*> op(n), lp(n);
   for (int k = 0; k < n; ++k) {
@@ -878,9 +879,10 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
       args.o = o;
       args.lse = lse;
       args.num_threads = options_.compute_threads;
-      st = kernels::PrefillAttention(
-          ViewOf(*s.pools().device, layout, staged.indptr, staged.indices, staged.last_page_len, staged.page_len, H),
-          args);
+      st =
+          kernels::PrefillAttention(ViewOf(*s.pools().device, layout, staged.indptr, staged.indices,
+                                           staged.last_page_len, staged.page_len, H),
+                                    args);
     }
     Unstage(staged);
   } else {
@@ -920,8 +922,9 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
         args.o = oh.data();
         args.lse = lh.data();
         args.num_threads = options_.compute_threads;
-        st = kernels::PrefillAttention(
-            ViewOf(*s.pools().device, layout, cur.indptr, cur.indices, cur.last_page_len, cur.page_len, 1), args);
+        st = kernels::PrefillAttention(ViewOf(*s.pools().device, layout, cur.indptr, cur.indices,
+                                              cur.last_page_len, cur.page_len, 1),
+                                       args);
       }
       Unstage(cur);
       if (!st.ok()) break;
@@ -992,6 +995,7 @@ absl::Status Engine::DecodeStepLocked(Sequence& s, int layer, absl::Span<const f
     UndoAppend(s, plan);
     return st;
   }
+  CommitAppend(s, plan);
   ApplyActions(s, layer, actions);
   if (layer_length != nullptr) *layer_length = s.layer_len[layer];
   return absl::OkStatus();
@@ -1014,8 +1018,8 @@ absl::Status Engine::DecodeStepBatch(LayerId layer, DType dtype, absl::Span<Deco
             [&](size_t a, size_t b) { return items[a].seq < items[b].seq; });
   for (size_t i = 1; i < order.size(); ++i) {
     if (items[order[i]].seq == items[order[i - 1]].seq) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", items[order[i]].seq.ToHex(),
-                                                     " appears twice in one batch"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", items[order[i]].seq.ToHex(), " appears twice in one batch"));
     }
   }
   std::vector<std::shared_ptr<Sequence>> seqs(items.size());
@@ -1109,8 +1113,27 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<SequenceStats> Engine::GetSequenceStats(const SequenceId& seq,
-                                                       StatsDetail detail) {
+absl::StatusOr<std::vector<int64_t>> Engine::HeldPositions(const SequenceId& seq, LayerId layer,
+                                                           HeadId kv_head) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
+  MutexLock lock(&s->mu);
+  RETURN_IF_ERROR(CheckLive(*s));
+  const ModelLayout& layout = s->layout();
+  if (layer.value() < 0 || layer.value() >= layout.num_layers || kv_head.value() < 0 ||
+      kv_head.value() >= layout.num_kv_heads) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("no layer ", layer.value(), " kv head ", kv_head.value(), " in this layout"));
+  }
+  const HeadTable& t = s->table(layer.value(), kv_head.value());
+  std::vector<int64_t> out;
+  out.reserve(t.tokens);
+  for (const PageMeta& m : t.meta) {
+    for (int r = 0; r < m.token_count; ++r) out.push_back(m.position(r));
+  }
+  return out;
+}
+
+absl::StatusOr<SequenceStats> Engine::GetSequenceStats(const SequenceId& seq, StatsDetail detail) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
   MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));

@@ -44,8 +44,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <string_view>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -58,12 +58,12 @@
 #include "cachesvc/base/layout.h"
 #include "cachesvc/base/mutex.h"
 #include "headwise/v1/policy.pb.h"
-#include "policies/stages.h"
 #include "offload/copy_engine.h"
 #include "offload/device_pool.h"
 #include "offload/disk_store.h"
 #include "offload/host_pool.h"
 #include "offload/tier_budget.h"
+#include "policies/stages.h"
 
 namespace headwise {
 
@@ -246,6 +246,11 @@ class Engine {
   // Frees the sequence; its handle is NOT_FOUND afterwards.
   absl::Status Release(const SequenceId& seq);
 
+  // The positions (layer, kv_head) holds, in the order the kernel reads them (increasing).
+  // O(tokens held). INVALID_ARGUMENT for a layer or head outside the layout.
+  absl::StatusOr<std::vector<int64_t>> HeldPositions(const SequenceId& seq, LayerId layer,
+                                                     HeadId kv_head);
+
   absl::StatusOr<SequenceStats> GetSequenceStats(const SequenceId& seq,
                                                  StatsDetail detail = StatsDetail::kWithSharing);
   EngineStats GetStats() const;
@@ -313,13 +318,15 @@ class Engine {
   absl::Status ValidateAppend(const Sequence& s, int layer, int64_t k_bytes, int64_t v_bytes,
                               int num_tokens, DType dtype) const;
   // Append = PlanAppend (takes every slot, fills copy-on-write copies; on error frees what it
-  // took and changes nothing) + ApplyAppend (cannot fail) + the stack's actions. UndoAppend
-  // reverts an applied plan. REQUIRES: s.mu held (for all five).
+  // took and changes nothing) + ApplyAppend (cannot fail) + the stack's actions, then
+  // CommitAppend. UndoAppend reverts an applied, uncommitted plan. REQUIRES: s.mu held.
   absl::Status AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
                             int num_tokens);
   absl::Status PlanAppend(Sequence& s, int layer, int num_tokens, AppendPlan& plan);
   void ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k, const std::byte* v);
   void UndoAppend(Sequence& s, AppendPlan& plan);
+  // Ends an applied plan for good: releases the pages its copy-on-write copies replaced.
+  void CommitAppend(Sequence& s, AppendPlan& plan);
   // The stack's decisions for every head of `layer` (pure), and applying them (cannot fail:
   // token drops on pages that are shared or not in memory are left for a later decision).
   absl::Status DecideActions(Sequence& s, int layer, std::vector<HeadActions>& out);

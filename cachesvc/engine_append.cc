@@ -171,6 +171,14 @@ void Engine::UndoAppend(Sequence& s, AppendPlan& plan) ABSL_NO_THREAD_SAFETY_ANA
   plan.applied = false;
 }
 
+void Engine::CommitAppend(Sequence& s, AppendPlan& plan) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  for (AppendPlan::Head& hp : plan.heads) {
+    if (hp.old_tail != nullptr) Unref(s.pools(), hp.old_tail);
+    hp.old_tail = nullptr;
+  }
+  plan.applied = false;
+}
+
 absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
                                   int num_tokens) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   AppendPlan plan;
@@ -181,6 +189,7 @@ absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, co
     UndoAppend(s, plan);
     return st;
   }
+  CommitAppend(s, plan);
   ApplyActions(s, layer, actions);
   return absl::OkStatus();
 }
@@ -213,19 +222,19 @@ absl::Status Engine::DecideActions(Sequence& s, int layer,
     for (size_t i = 0; i < a.drop_pages.size(); ++i) {
       if (a.drop_pages[i] < 0 || static_cast<size_t>(a.drop_pages[i]) + 1 >= n ||
           (i > 0 && a.drop_pages[i] <= a.drop_pages[i - 1])) {
-        return absl::InternalError(absl::StrCat("policy '", stack.actions().name(),
+        return absl::InternalError(absl::StrCat("policy '", std::string(stack.actions().name()),
                                                 "' chose an invalid page list for head ", h));
       }
     }
     for (size_t i = 0; i < a.drop_tokens.size(); ++i) {
       const TokenRef& r = a.drop_tokens[i];
-      const bool newest = static_cast<size_t>(r.page) + 1 == n &&
-                          r.row + 1 == t.meta.back().token_count;
+      const bool newest =
+          static_cast<size_t>(r.page) + 1 == n && r.row + 1 == t.meta.back().token_count;
       if (r.page < 0 || static_cast<size_t>(r.page) >= n || r.row < 0 ||
           r.row >= t.meta[r.page].token_count || newest ||
           (i > 0 && std::make_pair(r.page, r.row) <=
                         std::make_pair(a.drop_tokens[i - 1].page, a.drop_tokens[i - 1].row))) {
-        return absl::InternalError(absl::StrCat("policy '", stack.actions().name(),
+        return absl::InternalError(absl::StrCat("policy '", std::string(stack.actions().name()),
                                                 "' chose an invalid token list for head ", h));
       }
     }

@@ -128,7 +128,6 @@ struct Engine::Staging {
   bool active = false;
 };
 
-
 }  // namespace headwise
 
 #endif  // HEADWISE_CACHESVC_ENGINE_INTERNAL_H_

@@ -33,7 +33,8 @@ HeadRetention FullRetention(int64_t seq_len, int page_tokens);
 
 // What a head with `role` keeps at `seq_len` under `spec` (see the file comment for the page
 // layout assumed). For H2O the tokens are exact and the pages an upper bound (token-granular
-// drops leave partial pages; see accounting.cc). REQUIRES: seq_len >= 0, page_tokens > 0, spec.window valid.
+// drops leave partial pages; see accounting.cc). REQUIRES: seq_len >= 0, page_tokens > 0,
+// spec.window valid.
 HeadRetention RetainedForHead(const EvictionSpec& spec, HeadRole role, int64_t seq_len,
                               int page_tokens);
 

@@ -44,8 +44,8 @@ std::unique_ptr<PageSelector> AllPagesSelector::Clone() const {
   return std::make_unique<AllPagesSelector>();
 }
 
-void AllPagesSelector::Select(const HeadContext& head, absl::Span<const float> /*q*/,
-                              int /*group*/, std::vector<int32_t>* pages) const {
+void AllPagesSelector::Select(const HeadContext& head, absl::Span<const float> /*q*/, int /*group*/,
+                              std::vector<int32_t>* pages) const {
   for (size_t i = 0; i < head.pages.size(); ++i) pages->push_back(static_cast<int32_t>(i));
 }
 
@@ -55,7 +55,8 @@ std::unique_ptr<Prefetcher> NextUnitsPrefetcher::Clone() const {
 
 std::vector<int> NextUnitsPrefetcher::LayersAhead(int layer, int num_layers) const {
   std::vector<int> out;
-  for (int i = 1; i <= layers_ahead_ && i < num_layers; ++i) out.push_back((layer + i) % num_layers);
+  for (int i = 1; i <= layers_ahead_ && i < num_layers; ++i)
+    out.push_back((layer + i) % num_layers);
   return out;
 }
 

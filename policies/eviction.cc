@@ -159,7 +159,8 @@ absl::StatusOr<HeadActions> H2oPolicy::Decide(const HeadContext& head) const {
   const int64_t recent = std::max<int64_t>(1, options_.recent_tokens);
   if (n <= options_.heavy_tokens + recent) return HeadActions{};
   if (head.token_scores.size() != head.pages.size() * static_cast<size_t>(head.page_tokens)) {
-    return absl::FailedPreconditionError("h2o needs token scores (an accumulated-attention scorer)");
+    return absl::FailedPreconditionError(
+        "h2o needs token scores (an accumulated-attention scorer)");
   }
   const auto score = [&](const TokenRef& t) {
     return head.token_scores[static_cast<size_t>(t.page) * head.page_tokens + t.row];

@@ -15,12 +15,14 @@ using headwise::v1::PolicySpec;
 
 void RegisterBuiltins(PolicyRegistry& r) {
   (void)r.Register<RoleSource>(
-      "uniform", [](const PolicySpec&, const StackEnv&) -> absl::StatusOr<std::unique_ptr<RoleSource>> {
+      "uniform",
+      [](const PolicySpec&, const StackEnv&) -> absl::StatusOr<std::unique_ptr<RoleSource>> {
         return std::make_unique<UniformRoleSource>();
       });
   (void)r.Register<RoleSource>(
       "duo_attention",
-      [](const PolicySpec& spec, const StackEnv& env) -> absl::StatusOr<std::unique_ptr<RoleSource>> {
+      [](const PolicySpec& spec,
+         const StackEnv& env) -> absl::StatusOr<std::unique_ptr<RoleSource>> {
         return std::make_unique<DuoAttentionRoleSource>(spec.head_roles(), env.patterns);
       });
   (void)r.Register<BudgetAllocator>(
@@ -35,13 +37,13 @@ void RegisterBuiltins(PolicyRegistry& r) {
       });
   for (const char* name : {"none", "streaming_llm", "duo_attention", "h2o"}) {
     (void)r.Register<ActionPolicy>(
-        name, [](const PolicySpec& spec,
-                 const StackEnv&) -> absl::StatusOr<std::unique_ptr<ActionPolicy>> {
-          return CreateActionPolicy(spec);
-        });
+        name,
+        [](const PolicySpec& spec, const StackEnv&)
+            -> absl::StatusOr<std::unique_ptr<ActionPolicy>> { return CreateActionPolicy(spec); });
   }
   (void)r.Register<PageSelector>(
-      "all", [](const PolicySpec&, const StackEnv&) -> absl::StatusOr<std::unique_ptr<PageSelector>> {
+      "all",
+      [](const PolicySpec&, const StackEnv&) -> absl::StatusOr<std::unique_ptr<PageSelector>> {
         return std::make_unique<AllPagesSelector>();
       });
   (void)r.Register<Prefetcher>(
@@ -49,9 +51,8 @@ void RegisterBuiltins(PolicyRegistry& r) {
       [](const PolicySpec& spec, const StackEnv&) -> absl::StatusOr<std::unique_ptr<Prefetcher>> {
         const int depth =
             spec.placement().has_prefetch_depth() ? spec.placement().prefetch_depth() : 1;
-        const int groups = spec.placement().has_device_head_groups()
-                               ? spec.placement().device_head_groups()
-                               : 2;
+        const int groups =
+            spec.placement().has_device_head_groups() ? spec.placement().device_head_groups() : 2;
         return std::make_unique<NextUnitsPrefetcher>(depth, std::min(groups - 1, depth));
       });
 }
@@ -98,10 +99,10 @@ absl::StatusOr<std::unique_ptr<Stage>> PolicyRegistry::Create(const std::string&
   return factory(spec, env);
 }
 
-#define HEADWISE_INSTANTIATE_STAGE(Stage)                                                  \
-  template absl::Status PolicyRegistry::Register<Stage>(const std::string&,               \
-                                                        PolicyRegistry::Factory<Stage>);  \
-  template absl::StatusOr<std::unique_ptr<Stage>> PolicyRegistry::Create<Stage>(          \
+#define HEADWISE_INSTANTIATE_STAGE(Stage)                                                \
+  template absl::Status PolicyRegistry::Register<Stage>(const std::string&,              \
+                                                        PolicyRegistry::Factory<Stage>); \
+  template absl::StatusOr<std::unique_ptr<Stage>> PolicyRegistry::Create<Stage>(         \
       const std::string&, const PolicySpec&, const StackEnv&) const;
 HEADWISE_INSTANTIATE_STAGE(RoleSource)
 HEADWISE_INSTANTIATE_STAGE(BudgetAllocator)
@@ -124,9 +125,9 @@ absl::StatusOr<std::unique_ptr<PolicyStack>> PolicyStack::Create(const PolicySpe
   ASSIGN_OR_RETURN(stack->roles_source_, r.Create<RoleSource>(roles_name, spec, env));
   ASSIGN_OR_RETURN(stack->roles_, stack->roles_source_->Resolve(*env.layout));
   ASSIGN_OR_RETURN(stack->budgets_, r.Create<BudgetAllocator>("uniform", spec, env));
-  ASSIGN_OR_RETURN(stack->actions_,
-                   r.Create<ActionPolicy>(std::string(EvictionMethodName(eviction.method)), spec,
-                                          env));
+  ASSIGN_OR_RETURN(
+      stack->actions_,
+      r.Create<ActionPolicy>(std::string(EvictionMethodName(eviction.method)), spec, env));
   if (stack->actions_->uses_scores()) {
     ASSIGN_OR_RETURN(stack->scorer_, r.Create<TokenScorer>("accumulated_attention", spec, env));
   }

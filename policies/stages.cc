@@ -13,7 +13,8 @@ absl::Status ValidateHeadContext(const HeadContext& head) {
   for (size_t i = 0; i < head.pages.size(); ++i) {
     const PageMeta& page = head.pages[i];
     if (page.token_count < 1 || page.token_count > head.page_tokens ||
-        (!page.positions.empty() && page.positions.size() != static_cast<size_t>(page.token_count))) {
+        (!page.positions.empty() &&
+         page.positions.size() != static_cast<size_t>(page.token_count))) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "layer %d kv head %d page %d: token_count %d outside [1, %d] or positions of size %d",
           head.layer.value(), head.kv_head.value(), i, page.token_count, head.page_tokens,

@@ -12,6 +12,8 @@ namespace {
 
 using testing_helpers::AppendTokens;
 using testing_helpers::ApplyDecision;
+using testing_helpers::ChooseVictims;
+using testing_helpers::EvictionDecision;
 using testing_helpers::ViewOf;
 
 constexpr int64_t kGiB = int64_t{1} << 30;
@@ -78,7 +80,7 @@ TEST(Accounting, MatchesPolicyDecisionsExactly) {
          {SinkRecentWindow{64, 256}, SinkRecentWindow{4, 512}, SinkRecentWindow{0, 0},
           SinkRecentWindow{70, 1}, SinkRecentWindow{0, 33}}) {
       const EvictionSpec spec{.method = EvictionSpec::Method::kDuoAttention, .window = window};
-      absl::StatusOr<std::unique_ptr<EvictionPolicy>> policy = CreateEvictionPolicy(spec);
+      absl::StatusOr<std::unique_ptr<ActionPolicy>> policy = CreateActionPolicy(spec);
       ASSERT_TRUE(policy.ok());
       for (HeadRole role : {HeadRole::kRetrieval, HeadRole::kStreaming}) {
         std::vector<PageMeta> pages;
@@ -86,7 +88,7 @@ TEST(Accounting, MatchesPolicyDecisionsExactly) {
         while (seq_len < 1500) {
           AppendTokens(pages, seq_len, 1 + seq_len % 7, page_tokens);
           absl::StatusOr<EvictionDecision> decision =
-              (*policy)->ChooseVictims(ViewOf(pages, page_tokens), role, seq_len);
+              ChooseVictims(**policy, ViewOf(pages, page_tokens), role, seq_len);
           ASSERT_TRUE(decision.ok()) << decision.status();
           ApplyDecision(pages, *decision);
           int64_t tokens = 0;

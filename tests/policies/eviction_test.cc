@@ -12,7 +12,9 @@ namespace {
 
 using testing_helpers::AppendTokens;
 using testing_helpers::ApplyDecision;
+using testing_helpers::ChooseVictims;
 using testing_helpers::ContiguousPages;
+using testing_helpers::EvictionDecision;
 using testing_helpers::ViewOf;
 
 // The brute-force rule, token by token: page i may be dropped iff none of its tokens is a sink
@@ -22,7 +24,8 @@ std::vector<int32_t> BruteForceDroppable(const std::vector<PageMeta>& pages, int
   std::vector<int32_t> drop;
   for (size_t i = 0; i + 1 < pages.size(); ++i) {
     bool keep = false;
-    for (int64_t t = pages[i].first_position; t < pages[i].end_position(); ++t) {
+    for (int64_t t = pages[i].first_position; t < pages[i].first_position + pages[i].token_count;
+         ++t) {
       keep |= t < window.sink_tokens || t >= seq_len - window.recent_tokens;
     }
     if (!keep) drop.push_back(static_cast<int32_t>(i));
@@ -46,7 +49,7 @@ TEST(StreamingLlmPolicy, MatchesBruteForceOnManyLengths) {
       for (int64_t seq_len = 0; seq_len <= 3000; seq_len += (seq_len < 700 ? 1 : 37)) {
         const std::vector<PageMeta> pages = ContiguousPages(seq_len, page_tokens);
         absl::StatusOr<EvictionDecision> decision =
-            policy->ChooseVictims(ViewOf(pages, page_tokens), HeadRole::kRetrieval, seq_len);
+            ChooseVictims(*policy, ViewOf(pages, page_tokens), HeadRole::kRetrieval, seq_len);
         ASSERT_TRUE(decision.ok()) << decision.status();
         ASSERT_EQ(decision->drop, BruteForceDroppable(pages, seq_len, window))
             << "P=" << page_tokens << " sink=" << window.sink_tokens
@@ -63,23 +66,23 @@ TEST(StreamingLlmPolicy, EdgeLengths) {
   auto policy = MakeStreaming(64, 256);
   // One token: one partial page, kept.
   std::vector<PageMeta> pages = ContiguousPages(1, 64);
-  EXPECT_TRUE(policy->ChooseVictims(ViewOf(pages, 64), HeadRole::kStreaming, 1)->drop.empty());
+  EXPECT_TRUE(ChooseVictims(*policy, ViewOf(pages, 64), HeadRole::kStreaming, 1)->drop.empty());
   // Fewer tokens than sink + recent: nothing to drop.
   pages = ContiguousPages(319, 64);
-  EXPECT_TRUE(policy->ChooseVictims(ViewOf(pages, 64), HeadRole::kStreaming, 319)->drop.empty());
+  EXPECT_TRUE(ChooseVictims(*policy, ViewOf(pages, 64), HeadRole::kStreaming, 319)->drop.empty());
   // 1000 tokens, P = 64: pages 0 (sink), 11..15 (window [744, 1000) starts inside page 11).
   pages = ContiguousPages(1000, 64);
-  EXPECT_EQ(policy->ChooseVictims(ViewOf(pages, 64), HeadRole::kStreaming, 1000)->drop,
+  EXPECT_EQ(ChooseVictims(*policy, ViewOf(pages, 64), HeadRole::kStreaming, 1000)->drop,
             (std::vector<int32_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
   // Empty head.
   pages.clear();
-  EXPECT_TRUE(policy->ChooseVictims(ViewOf(pages, 64), HeadRole::kStreaming, 0)->drop.empty());
+  EXPECT_TRUE(ChooseVictims(*policy, ViewOf(pages, 64), HeadRole::kStreaming, 0)->drop.empty());
 }
 
 TEST(StreamingLlmPolicy, ZeroWindowKeepsOnlyTheLastPage) {
   auto policy = MakeStreaming(0, 0);
   const std::vector<PageMeta> pages = ContiguousPages(256, 64);  // Last page is full.
-  EXPECT_EQ(policy->ChooseVictims(ViewOf(pages, 64), HeadRole::kRetrieval, 256)->drop,
+  EXPECT_EQ(ChooseVictims(*policy, ViewOf(pages, 64), HeadRole::kRetrieval, 256)->drop,
             (std::vector<int32_t>{0, 1, 2}));
 }
 
@@ -97,7 +100,7 @@ TEST(StreamingLlmPolicy, IncrementalApplicationMatchesOneShot) {
     while (seq_len < 2500) {
       AppendTokens(pages, seq_len, absl::Uniform<int64_t>(bitgen, 1, 300), page_tokens);
       absl::StatusOr<EvictionDecision> decision =
-          policy->ChooseVictims(ViewOf(pages, page_tokens), HeadRole::kRetrieval, seq_len);
+          ChooseVictims(*policy, ViewOf(pages, page_tokens), HeadRole::kRetrieval, seq_len);
       ASSERT_TRUE(decision.ok()) << decision.status();
       ApplyDecision(pages, *decision);
 
@@ -121,9 +124,9 @@ TEST(DuoAttentionPolicy, RetrievalKeepsAllStreamingFollowsStreamingLlm) {
   for (int64_t seq_len : {0, 1, 63, 64, 65, 320, 321, 1000, 4097, 100000}) {
     const std::vector<PageMeta> pages = ContiguousPages(seq_len, 64);
     const HeadPagesView view = ViewOf(pages, 64);
-    EXPECT_TRUE((*duo)->ChooseVictims(view, HeadRole::kRetrieval, seq_len)->drop.empty());
-    EXPECT_EQ((*duo)->ChooseVictims(view, HeadRole::kStreaming, seq_len)->drop,
-              streaming->ChooseVictims(view, HeadRole::kStreaming, seq_len)->drop);
+    EXPECT_TRUE(ChooseVictims(**duo, view, HeadRole::kRetrieval, seq_len)->drop.empty());
+    EXPECT_EQ(ChooseVictims(**duo, view, HeadRole::kStreaming, seq_len)->drop,
+              ChooseVictims(*streaming, view, HeadRole::kStreaming, seq_len)->drop);
   }
 }
 
@@ -131,32 +134,32 @@ TEST(EvictionPolicy, RejectsInconsistentViews) {
   auto policy = MakeStreaming(4, 8);
   std::vector<PageMeta> pages = ContiguousPages(100, 16);
   // Pages reaching past seq_len.
-  EXPECT_EQ(policy->ChooseVictims(ViewOf(pages, 16), HeadRole::kRetrieval, 50).status().code(),
+  EXPECT_EQ(ChooseVictims(*policy, ViewOf(pages, 16), HeadRole::kRetrieval, 50).status().code(),
             absl::StatusCode::kInvalidArgument);
   // Zero page_tokens.
-  EXPECT_EQ(policy->ChooseVictims(ViewOf(pages, 0), HeadRole::kRetrieval, 100).status().code(),
+  EXPECT_EQ(ChooseVictims(*policy, ViewOf(pages, 0), HeadRole::kRetrieval, 100).status().code(),
             absl::StatusCode::kInvalidArgument);
   // Overlapping pages.
   std::vector<PageMeta> overlapping = pages;
   overlapping[2].first_position -= 1;
   EXPECT_EQ(
-      policy->ChooseVictims(ViewOf(overlapping, 16), HeadRole::kRetrieval, 100).status().code(),
+      ChooseVictims(*policy, ViewOf(overlapping, 16), HeadRole::kRetrieval, 100).status().code(),
       absl::StatusCode::kInvalidArgument);
   // Empty page.
   std::vector<PageMeta> empty_page = pages;
   empty_page[1].token_count = 0;
   EXPECT_EQ(
-      policy->ChooseVictims(ViewOf(empty_page, 16), HeadRole::kRetrieval, 100).status().code(),
+      ChooseVictims(*policy, ViewOf(empty_page, 16), HeadRole::kRetrieval, 100).status().code(),
       absl::StatusCode::kInvalidArgument);
   NoEvictionPolicy none;
-  EXPECT_EQ(none.ChooseVictims(ViewOf(pages, 16), HeadRole::kRetrieval, 50).status().code(),
+  EXPECT_EQ(ChooseVictims(none, ViewOf(pages, 16), HeadRole::kRetrieval, 50).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(none.ChooseVictims(ViewOf(pages, 16), HeadRole::kStreaming, 100)->drop.empty());
+  EXPECT_TRUE(ChooseVictims(none, ViewOf(pages, 16), HeadRole::kStreaming, 100)->drop.empty());
 }
 
 TEST(Registry, ResolvesEveryCombination) {
   headwise::v1::PolicySpec spec;
-  absl::StatusOr<std::unique_ptr<EvictionPolicy>> policy = CreateEvictionPolicy(spec);
+  absl::StatusOr<std::unique_ptr<ActionPolicy>> policy = CreateActionPolicy(spec);
   ASSERT_TRUE(policy.ok());
   EXPECT_EQ((*policy)->name(), "none");
 
@@ -166,7 +169,7 @@ TEST(Registry, ResolvesEveryCombination) {
   EXPECT_EQ(resolved->method, EvictionSpec::Method::kStreamingLlm);
   EXPECT_EQ(resolved->window.sink_tokens, 64);
   EXPECT_EQ(resolved->window.recent_tokens, 256);
-  EXPECT_EQ((*CreateEvictionPolicy(spec))->name(), "streaming_llm");
+  EXPECT_EQ((*CreateActionPolicy(spec))->name(), "streaming_llm");
 
   spec.mutable_eviction()->mutable_streaming_llm()->set_sink_tokens(4);
   spec.mutable_eviction()->mutable_streaming_llm()->set_recent_tokens(0);
@@ -176,14 +179,14 @@ TEST(Registry, ResolvesEveryCombination) {
   EXPECT_EQ(resolved->window.recent_tokens, 0);  // Explicit zero is not "unset".
 
   spec.mutable_head_roles()->mutable_duo_attention();
-  EXPECT_EQ((*CreateEvictionPolicy(spec))->name(), "duo_attention");
+  EXPECT_EQ((*CreateActionPolicy(spec))->name(), "duo_attention");
   spec.mutable_eviction()->clear_method();
   resolved = ResolveEvictionSpec(spec);
   ASSERT_TRUE(resolved.ok());
   EXPECT_EQ(resolved->method, EvictionSpec::Method::kDuoAttention);
   EXPECT_EQ(resolved->window.sink_tokens, 64);
   spec.mutable_eviction()->mutable_none();
-  EXPECT_EQ((*CreateEvictionPolicy(spec))->name(), "none");
+  EXPECT_EQ((*CreateActionPolicy(spec))->name(), "none");
   EXPECT_EQ(EvictionMethodName(EvictionSpec::Method::kDuoAttention), "duo_attention");
 }
 
@@ -198,7 +201,7 @@ TEST(Registry, NegativeWindowsAreInvalidArgument) {
       } else {
         streaming->set_recent_tokens(-256);
       }
-      absl::StatusOr<std::unique_ptr<EvictionPolicy>> policy = CreateEvictionPolicy(spec);
+      absl::StatusOr<std::unique_ptr<ActionPolicy>> policy = CreateActionPolicy(spec);
       EXPECT_EQ(policy.status().code(), absl::StatusCode::kInvalidArgument);
       EXPECT_NE(std::string(policy.status().message())
                     .find(negative_sink ? "sink_tokens" : "recent_tokens"),
@@ -210,8 +213,8 @@ TEST(Registry, NegativeWindowsAreInvalidArgument) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(DuoAttentionPolicy::Create({.window = {.recent_tokens = -5}}).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(CreateEvictionPolicy(EvictionSpec{.method = EvictionSpec::Method::kStreamingLlm,
-                                              .window = {.sink_tokens = 0, .recent_tokens = -1}})
+  EXPECT_EQ(CreateActionPolicy(EvictionSpec{.method = EvictionSpec::Method::kStreamingLlm,
+                                            .window = {.sink_tokens = 0, .recent_tokens = -1}})
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);

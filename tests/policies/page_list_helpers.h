@@ -5,8 +5,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "policies/eviction.h"
 #include "policies/page_meta.h"
+#include "policies/stages.h"
 
 namespace headwise {
 namespace testing_helpers {
@@ -16,7 +18,6 @@ inline std::vector<PageMeta> ContiguousPages(int64_t seq_len, int page_tokens) {
   std::vector<PageMeta> pages;
   for (int64_t first = 0; first < seq_len; first += page_tokens) {
     PageMeta page;
-    page.id = PageId(Tier::kHost, static_cast<uint64_t>(pages.size()));
     page.first_position = first;
     page.token_count = static_cast<int32_t>(std::min<int64_t>(page_tokens, seq_len - first));
     pages.push_back(page);
@@ -47,6 +48,27 @@ inline void AppendTokens(std::vector<PageMeta>& pages, int64_t& seq_len, int64_t
     seq_len += take;
     count -= take;
   }
+}
+
+// Whole pages an action policy drops for a head of `seq_len` tokens (after validating the view
+// the way the engine does).
+struct EvictionDecision {
+  std::vector<int32_t> drop;
+};
+inline absl::StatusOr<EvictionDecision> ChooseVictims(const ActionPolicy& policy,
+                                                      const HeadPagesView& view, HeadRole role,
+                                                      int64_t seq_len) {
+  HeadContext head;
+  head.layer = view.layer;
+  head.kv_head = view.kv_head;
+  head.role = role;
+  head.page_tokens = view.page_tokens;
+  head.seq_len = seq_len;
+  head.pages = view.pages;
+  if (absl::Status st = ValidateHeadContext(head); !st.ok()) return st;
+  absl::StatusOr<HeadActions> actions = policy.Decide(head);
+  if (!actions.ok()) return actions.status();
+  return EvictionDecision{actions->drop_pages};
 }
 
 // Removes the pages a decision drops (what the engine's apply step does).
