@@ -28,6 +28,9 @@ ABSL_FLAG(std::optional<std::string>, metrics, std::nullopt,
           "Metrics host:port (overrides metrics_address); port 0 picks one; 'none' disables.");
 ABSL_FLAG(std::optional<std::string>, data_dir, std::nullopt,
           "RocksDB data directory (overrides data_dir); 'none': no disk, no durable sequences.");
+ABSL_FLAG(std::optional<std::string>, pattern_dir, std::nullopt,
+          "DuoAttention pattern directory clients name patterns in (overrides pattern_dir); "
+          "'none': no named patterns.");
 ABSL_FLAG(std::optional<std::string>, device_budget, std::nullopt,
           "Device tier bytes, e.g. 8GiB (overrides device_budget_bytes).");
 ABSL_FLAG(std::optional<std::string>, host_budget, std::nullopt,
@@ -50,7 +53,8 @@ int Fail(const std::string& message) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "headwised [--config=FILE] [--socket=PATH] [--tcp=HOST:PORT] [--metrics=HOST:PORT] "
-      "[--data_dir=DIR] [--device_budget=BYTES] [--host_budget=BYTES] [--token=TOKEN]");
+      "[--data_dir=DIR] [--pattern_dir=DIR] [--device_budget=BYTES] [--host_budget=BYTES] "
+      "[--token=TOKEN]");
   absl::ParseCommandLine(argc, argv);
 
   // Block the stop signals in every thread (threads inherit the mask), so that only sigwait
@@ -73,6 +77,7 @@ int main(int argc, char** argv) {
   if (auto v = absl::GetFlag(FLAGS_tcp)) config.set_tcp_address(NoneToEmpty(*v));
   if (auto v = absl::GetFlag(FLAGS_metrics)) config.set_metrics_address(NoneToEmpty(*v));
   if (auto v = absl::GetFlag(FLAGS_data_dir)) config.set_data_dir(NoneToEmpty(*v));
+  if (auto v = absl::GetFlag(FLAGS_pattern_dir)) config.set_pattern_dir(NoneToEmpty(*v));
   if (auto v = absl::GetFlag(FLAGS_device_budget)) {
     auto bytes = headwise::ParseByteSize(*v);
     if (!bytes.ok()) return Fail(absl::StrCat("--device_budget: ", bytes.status().message()));

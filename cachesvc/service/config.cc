@@ -1,13 +1,13 @@
 #include "cachesvc/service/config.h"
 
+#include <algorithm>
 #include <cctype>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "cachesvc/base/bounded_file.h"
 #include "cachesvc/base/status_macros.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
@@ -17,12 +17,26 @@ namespace {
 
 using headwise::v1::DaemonConfig;
 
-// Collects the first parse error with its position.
+// The parser's message without what it quotes from the text: "Expected integer, got: x" becomes
+// "expected integer"; an unknown field is "unknown field name"; anything else "syntax error".
+// (The file may be anything an operator mistyped, e.g. a key file, and the position suffices.)
+std::string WithoutQuotedText(const std::string& message) {
+  if (message.find("has no field named") != std::string::npos) return "unknown field name";
+  if (message.rfind("Expected ", 0) == 0) {
+    const size_t end = std::min(message.find(", got"), message.find(", found"));
+    if (end != std::string::npos) return absl::StrCat("expected", message.substr(8, end - 8));
+  }
+  return "syntax error";
+}
+
+// Collects the first parse error with its position; the message never quotes the text.
 class ErrorCollector : public google::protobuf::io::ErrorCollector {
  public:
   void AddError(int line, google::protobuf::io::ColumnNumber column,
                 const std::string& message) override {
-    if (first_.empty()) first_ = absl::StrCat("line ", line + 1, ":", column + 1, ": ", message);
+    if (first_.empty()) {
+      first_ = absl::StrCat("line ", line + 1, ":", column + 1, ": ", WithoutQuotedText(message));
+    }
   }
   const std::string& first() const { return first_; }
 
@@ -57,11 +71,12 @@ absl::StatusOr<DaemonConfig> ParseConfigText(const std::string& text) {
 }
 
 absl::StatusOr<DaemonConfig> LoadConfigFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read config file '", path, "'"));
-  std::stringstream text;
-  text << in.rdbuf();
-  auto config = ParseConfigText(text.str());
+  BoundedReadOptions options;
+  options.max_bytes = kMaxConfigFileBytes;
+  options.follow_final_symlink = true;
+  options.description = absl::StrCat("config file '", path, "'");
+  ASSIGN_OR_RETURN(const std::string text, ReadBoundedFile(path, options));
+  auto config = ParseConfigText(text);
   if (!config.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", config.status().message()));
   }

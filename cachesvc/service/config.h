@@ -27,15 +27,23 @@ inline constexpr int kDefaultWorkerThreads = 4;
 inline constexpr int kDefaultShutdownGraceMs = 5000;
 inline constexpr char kDefaultLogLevel[] = "info";
 inline constexpr int kDefaultCopyThreads = 2;
+// Largest config file LoadConfigFile reads.
+inline constexpr uint64_t kMaxConfigFileBytes = uint64_t{1} << 20;
+// Largest TLS file (tls.cert_path, key_path, client_ca_path) the server reads.
+inline constexpr uint64_t kMaxTlsFileBytes = uint64_t{1} << 20;
 // The token of the built-in "default" tenant when neither --token nor $HEADWISE_TOKEN is given.
 // For local use only.
 inline constexpr char kDevToken[] = "dev-token";
 
 // Parses a text-format DaemonConfig. INVALID_ARGUMENT with the parser's line and column on a
-// syntax error or unknown field.
+// syntax error or unknown field, and what was expected ("unknown field name", "expected
+// integer"), never the text found there.
 absl::StatusOr<headwise::v1::DaemonConfig> ParseConfigText(const std::string& text);
 
-// Reads and parses the file at `path`. NOT_FOUND when it cannot be read.
+// Reads (a regular file of at most kMaxConfigFileBytes; symbolic links followed, since the
+// operator names it) and parses the file at `path`. NOT_FOUND when it does not exist,
+// PERMISSION_DENIED when it cannot be read, FAILED_PRECONDITION when it is not a regular file or
+// is too large, INVALID_ARGUMENT (line and column, no text quoted) when it does not parse.
 absl::StatusOr<headwise::v1::DaemonConfig> LoadConfigFile(const std::string& path);
 
 // Returns `config` with every optional field set to its value or default, and, when it has no

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cachesvc/base/status_macros.h"
+#include "cachesvc/service/test_hook.h"
 
 namespace headwise {
 namespace {
@@ -19,6 +20,16 @@ constexpr char kSequencePrefix[] = "s/";
 std::string OpPrefix(const std::string& handle) { return absl::StrCat("o/", handle, "/"); }
 std::string OpKey(const std::string& handle, uint32_t op_index) {
   return absl::StrCat(OpPrefix(handle), absl::StrFormat("%016x", op_index));
+}
+
+TestHook<absl::Status, std::string_view>& WriteFault() {
+  static auto* hook = new TestHook<absl::Status, std::string_view>();
+  return *hook;
+}
+
+// The injected fault of `what`, if any (SetWriteFaultForTesting).
+absl::Status InjectedFault(std::string_view what) {
+  return WriteFault().Call(absl::OkStatus(), what);
 }
 
 int HexValue(char c) {
@@ -49,7 +60,12 @@ absl::StatusOr<std::unique_ptr<DurableLog>> DurableLog::Open(const std::string& 
   return std::unique_ptr<DurableLog>(new DurableLog(std::move(store)));
 }
 
+void DurableLog::SetWriteFaultForTesting(std::function<absl::Status(std::string_view)> fault) {
+  WriteFault().Set(std::move(fault));
+}
+
 absl::Status DurableLog::PutLayout(const DurableLayoutRecord& record) {
+  RETURN_IF_ERROR(InjectedFault("PutLayout"));
   return store_->Put(
       RecordFamily::kSequences,
       absl::StrCat(kLayoutPrefix, record.tenant(), std::string(1, '\0'), record.name()),
@@ -58,30 +74,45 @@ absl::Status DurableLog::PutLayout(const DurableLayoutRecord& record) {
 
 absl::Status DurableLog::PutSequence(const DurableSequenceRecord& record) {
   RETURN_IF_ERROR(ParseHandle(record.handle()).status());
+  RETURN_IF_ERROR(InjectedFault("PutSequence"));
   return store_->Put(RecordFamily::kSequences, absl::StrCat(kSequencePrefix, record.handle()),
                      record.SerializeAsString(), /*sync=*/true);
 }
 
-absl::Status DurableLog::PutAppend(const std::string& handle, uint32_t op_index, int layer,
-                                   int num_tokens, absl::Span<const std::byte> k,
-                                   absl::Span<const std::byte> v) {
-  ASSIGN_OR_RETURN(SequenceId id, ParseHandle(handle));
-  DurableOpRecord record;
-  record.set_kind(DurableOpRecord::APPEND);
-  record.set_layer(layer);
-  record.set_num_tokens(num_tokens);
-  record.set_k_bytes(k.size());
-  record.set_v_bytes(v.size());
+absl::Status DurableLog::PutAppend(const AppendOp& op) {
+  RETURN_IF_ERROR(ParseHandle(op.handle).status());
+  RETURN_IF_ERROR(InjectedFault("PutAppend"));
+  return WriteAppends(absl::MakeConstSpan(&op, 1));
+}
+
+absl::Status DurableLog::PutAppends(absl::Span<const AppendOp> ops) {
+  for (const AppendOp& op : ops) RETURN_IF_ERROR(ParseHandle(op.handle).status());
+  RETURN_IF_ERROR(InjectedFault("PutAppends"));
+  return WriteAppends(ops);
+}
+
+absl::Status DurableLog::WriteAppends(absl::Span<const AppendOp> ops) {
   DiskStore::Batch batch(store_.get());
-  RETURN_IF_ERROR(batch.PutPage(PageKey{id, LayerId(0), HeadId(0), op_index}, k));
-  RETURN_IF_ERROR(batch.PutPage(PageKey{id, LayerId(0), HeadId(1), op_index}, v));
-  RETURN_IF_ERROR(
-      batch.Put(RecordFamily::kPageMeta, OpKey(handle, op_index), record.SerializeAsString()));
+  for (const AppendOp& op : ops) {
+    ASSIGN_OR_RETURN(SequenceId id, ParseHandle(op.handle));
+    DurableOpRecord record;
+    record.set_kind(DurableOpRecord::APPEND);
+    record.set_layer(op.layer);
+    record.set_num_tokens(op.num_tokens);
+    record.set_k_bytes(op.k.size());
+    record.set_v_bytes(op.v.size());
+    record.set_step_id(op.step_id);
+    RETURN_IF_ERROR(batch.PutPage(PageKey{id, LayerId(0), HeadId(0), op.op_index}, op.k));
+    RETURN_IF_ERROR(batch.PutPage(PageKey{id, LayerId(0), HeadId(1), op.op_index}, op.v));
+    RETURN_IF_ERROR(batch.Put(RecordFamily::kPageMeta, OpKey(op.handle, op.op_index),
+                              record.SerializeAsString()));
+  }
   return store_->Write(batch, /*sync=*/true);
 }
 
 absl::Status DurableLog::PutTruncate(const std::string& handle, uint32_t op_index, int64_t length) {
   RETURN_IF_ERROR(ParseHandle(handle).status());
+  RETURN_IF_ERROR(InjectedFault("PutTruncate"));
   DurableOpRecord record;
   record.set_kind(DurableOpRecord::TRUNCATE);
   record.set_truncate_length(length);
@@ -90,16 +121,32 @@ absl::Status DurableLog::PutTruncate(const std::string& handle, uint32_t op_inde
 }
 
 absl::Status DurableLog::DeleteOp(const std::string& handle, uint32_t op_index) {
-  ASSIGN_OR_RETURN(SequenceId id, ParseHandle(handle));
+  RETURN_IF_ERROR(ParseHandle(handle).status());
+  RETURN_IF_ERROR(InjectedFault("DeleteOp"));
+  const std::pair<std::string, uint32_t> op(handle, op_index);
+  return WriteDeletes(absl::MakeConstSpan(&op, 1));
+}
+
+absl::Status DurableLog::DeleteOps(absl::Span<const std::pair<std::string, uint32_t>> ops) {
+  for (const auto& op : ops) RETURN_IF_ERROR(ParseHandle(op.first).status());
+  RETURN_IF_ERROR(InjectedFault("DeleteOps"));
+  return WriteDeletes(ops);
+}
+
+absl::Status DurableLog::WriteDeletes(absl::Span<const std::pair<std::string, uint32_t>> ops) {
   DiskStore::Batch batch(store_.get());
-  RETURN_IF_ERROR(batch.Delete(RecordFamily::kPageMeta, OpKey(handle, op_index)));
-  RETURN_IF_ERROR(batch.DeletePage(PageKey{id, LayerId(0), HeadId(0), op_index}));
-  RETURN_IF_ERROR(batch.DeletePage(PageKey{id, LayerId(0), HeadId(1), op_index}));
+  for (const auto& [handle, op_index] : ops) {
+    ASSIGN_OR_RETURN(SequenceId id, ParseHandle(handle));
+    RETURN_IF_ERROR(batch.Delete(RecordFamily::kPageMeta, OpKey(handle, op_index)));
+    RETURN_IF_ERROR(batch.DeletePage(PageKey{id, LayerId(0), HeadId(0), op_index}));
+    RETURN_IF_ERROR(batch.DeletePage(PageKey{id, LayerId(0), HeadId(1), op_index}));
+  }
   return store_->Write(batch, /*sync=*/true);
 }
 
 absl::Status DurableLog::DeleteSequence(const std::string& handle) {
   ASSIGN_OR_RETURN(SequenceId id, ParseHandle(handle));
+  RETURN_IF_ERROR(InjectedFault("DeleteSequence"));
   std::vector<std::string> op_keys;
   RETURN_IF_ERROR(store_->Iterate(RecordFamily::kPageMeta, OpPrefix(handle),
                                   [&](std::string_view key, std::string_view) {

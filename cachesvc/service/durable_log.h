@@ -20,13 +20,17 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "cachesvc/base/ids.h"
 #include "headwise/v1/durable.pb.h"
 #include "offload/disk_store.h"
 
@@ -40,13 +44,27 @@ class DurableLog {
   absl::Status PutLayout(const headwise::v1::DurableLayoutRecord& record);
   absl::Status PutSequence(const headwise::v1::DurableSequenceRecord& record);
 
-  // Logs op number `op_index` of sequence `handle`: an APPEND with its K and V bytes.
-  // INVALID_ARGUMENT for a handle that is not 32 lowercase hex digits.
-  absl::Status PutAppend(const std::string& handle, uint32_t op_index, int layer, int num_tokens,
-                         absl::Span<const std::byte> k, absl::Span<const std::byte> v);
+  // One APPEND op: op number `op_index` of sequence `handle`, with its K and V bytes and the
+  // client's step id (0: none).
+  struct AppendOp {
+    std::string handle;
+    uint32_t op_index = 0;
+    int layer = 0;
+    int num_tokens = 0;
+    uint64_t step_id = 0;
+    absl::Span<const std::byte> k;
+    absl::Span<const std::byte> v;
+  };
+  // Logs `op`. INVALID_ARGUMENT for a handle that is not 32 lowercase hex digits.
+  absl::Status PutAppend(const AppendOp& op);
+  // Logs every op of `ops` in one write batch (one fsync): all or none.
+  absl::Status PutAppends(absl::Span<const AppendOp> ops);
   absl::Status PutTruncate(const std::string& handle, uint32_t op_index, int64_t length);
-  // Removes op `op_index` (undoes a Put* whose engine call then failed).
+  // Removes op `op_index` (undoes a Put* whose engine call then failed). A later op written with
+  // the same index also replaces it.
   absl::Status DeleteOp(const std::string& handle, uint32_t op_index);
+  // Removes several ops of possibly different sequences in one write batch.
+  absl::Status DeleteOps(absl::Span<const std::pair<std::string, uint32_t>> ops);
   // Removes the sequence record, its ops and their payloads.
   absl::Status DeleteSequence(const std::string& handle);
   // Flushes memtables to files (orderly shutdown: a shorter WAL to replay at the next start).
@@ -64,8 +82,16 @@ class DurableLog {
   absl::Status ReadAppend(const std::string& handle, const Op& op, std::vector<std::byte>* k,
                           std::vector<std::byte>* v);
 
+  // Fault injection for tests: while set, every write (Put*, Delete*) first calls `fault` with
+  // the method's name ("PutAppend", "PutAppends", "PutTruncate", "DeleteOp", "DeleteOps",
+  // "PutLayout", "PutSequence", "DeleteSequence"); a non-OK result is returned instead of
+  // writing. Process-wide; nullptr (the default) clears it. Not for production use.
+  static void SetWriteFaultForTesting(std::function<absl::Status(std::string_view)> fault);
+
  private:
   explicit DurableLog(std::unique_ptr<DiskStore> store) : store_(std::move(store)) {}
+  absl::Status WriteAppends(absl::Span<const AppendOp> ops);
+  absl::Status WriteDeletes(absl::Span<const std::pair<std::string, uint32_t>> ops);
   std::unique_ptr<DiskStore> store_;
 };
 

@@ -14,19 +14,42 @@
 // engine id).
 //
 // Durability: see durable_log.h. Ops on one sequence are serialized by the sequence's lock, so
-// the log order is the engine order.
+// the log order is the engine order. A mutation is logged (fsynced) before its engine call and
+// removed from the log again when the engine refuses it, so a refused call is never replayed.
+//
+// A refused call changes nothing: every data RPC validates its inputs, resolves and pins (holds a
+// reference to) each staging region it reads or writes, checks quotas and only then makes ONE
+// engine call, which is all-or-nothing (a decode step is Engine::DecodeStep, not Append +
+// Attend). Writing the outputs afterwards cannot fail. Client step ids make retries idempotent
+// (step_ledger.h, service.proto).
+//
+// Locks: a sequence's lock is held across its log write and engine call (that is the ordering
+// guarantee). The tenant lock (TenantState::mu) is never held across a disk write or an engine
+// call: RegisterLayout reserves the name under it, writes outside, and commits under it again.
+// Lock order: sequence locks (in handle order when a batch takes several), then a tenant lock,
+// then a shard lock; the engine's own locks are inner to all of them.
+//
+// Files: headwise_service.cc (plumbing, sequence lifecycle, gRPC entry points), service_steps.cc
+// (Append, Attend, Prefill, DecodeStep), service_batch.cc (DecodeStepBatch), service_restore.cc
+// (Restore), decode_stream.cc (the DecodeStream reactor), tensor_io.h (validation and I/O).
 #ifndef HEADWISE_CACHESVC_SERVICE_HEADWISE_SERVICE_H_
 #define HEADWISE_CACHESVC_SERVICE_HEADWISE_SERVICE_H_
 
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/functional/function_ref.h"
 #include "absl/random/random.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -36,7 +59,9 @@
 #include "cachesvc/service/durable_log.h"
 #include "cachesvc/service/metrics.h"
 #include "cachesvc/service/staging.h"
+#include "cachesvc/service/step_ledger.h"
 #include "cachesvc/service/tenants.h"
+#include "cachesvc/service/tensor_io.h"
 #include "cachesvc/service/worker_pool.h"
 #include "headwise/v1/service.grpc.pb.h"
 
@@ -47,6 +72,9 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 
 // "OK", "NOT_FOUND", ... (the gRPC code names, for metrics and logs).
 std::string StatusCodeName(absl::StatusCode code);
+
+// Most items of one DecodeStepBatch call.
+inline constexpr int kMaxDecodeBatchItems = 256;
 
 struct HeadwiseServiceOptions {
   // Not owned; must outlive the service. Required.
@@ -79,6 +107,12 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   // Live sequences over all tenants.
   int64_t num_sequences() const;
 
+  // Test seam (a sync point): while set, every data RPC that returns outputs (Attend, Prefill,
+  // DecodeStep, a DecodeStream step, DecodeStepBatch) calls `hook` with the RPC's name after its
+  // engine call and before it writes its outputs, holding no lock. Process-wide; nullptr clears
+  // it. Not for production use.
+  static void SetBeforeOutputsHookForTesting(std::function<void(std::string_view)> hook);
+
   // The unary methods of service.proto. Each authenticates, then runs on the worker pool.
   grpc::ServerUnaryReactor* RegisterLayout(grpc::CallbackServerContext* ctx,
                                            const headwise::v1::RegisterLayoutRequest* request,
@@ -101,6 +135,9 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   grpc::ServerUnaryReactor* DecodeStep(grpc::CallbackServerContext* ctx,
                                        const headwise::v1::DecodeStepRequest* request,
                                        headwise::v1::DecodeStepResponse* response) override;
+  grpc::ServerUnaryReactor* DecodeStepBatch(
+      grpc::CallbackServerContext* ctx, const headwise::v1::DecodeStepBatchRequest* request,
+      headwise::v1::DecodeStepBatchResponse* response) override;
   grpc::ServerUnaryReactor* Truncate(grpc::CallbackServerContext* ctx,
                                      const headwise::v1::TruncateRequest* request,
                                      headwise::v1::TruncateResponse* response) override;
@@ -148,12 +185,16 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
     uint32_t next_op ABSL_GUARDED_BY(mu) = 0;
     // Bytes per tier at the end of the last op (what this sequence adds to its tenant's usage).
     std::array<int64_t, 3> tier_bytes ABSL_GUARDED_BY(mu) = {0, 0, 0};
+    // The last client step per layer (idempotent retries).
+    StepLedger steps ABSL_GUARDED_BY(mu);
   };
 
   // Per-tenant state.
   struct TenantState {
     absl::Mutex mu;
     absl::flat_hash_map<std::string, ModelLayout> layouts ABSL_GUARDED_BY(mu);
+    // Layout names being registered (engine call and log write in progress, outside mu).
+    absl::flat_hash_set<std::string> registering ABSL_GUARDED_BY(mu);
     int64_t sequences ABSL_GUARDED_BY(mu) = 0;
     // Sum of tier_bytes over the tenant's live sequences.
     std::array<int64_t, 3> tier_bytes ABSL_GUARDED_BY(mu) = {0, 0, 0};
@@ -165,11 +206,29 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
     absl::flat_hash_map<std::string, std::shared_ptr<SequenceEntry>> sequences ABSL_GUARDED_BY(mu);
   };
 
-  // A request's input bytes: a view of inline or staged bytes, and what keeps them alive.
-  struct Bytes {
-    absl::Span<const std::byte> span;
-    std::shared_ptr<StagingRegion> region;
+  // The fields of one decode step, from a DecodeStepRequest, a StreamStepRequest or a batch item.
+  struct DecodeCall {
+    const std::string& handle;
+    int layer;
+    const headwise::v1::Tensor& q;
+    const headwise::v1::Tensor& k;
+    const headwise::v1::Tensor& v;
+    const headwise::v1::OutputPlacement& output;
+    uint64_t step_id;
   };
+  // A decode step whose every input is validated and whose staging regions are pinned.
+  struct PreparedDecode {
+    std::shared_ptr<SequenceEntry> entry;
+    int layer = 0;
+    uint64_t step_id = 0;
+    InputBytes k, v;
+    std::vector<float> q;
+    std::optional<OutputTarget> out;
+    std::vector<float> o, lse;  // Sized for the outputs.
+    int64_t layer_length = 0;
+  };
+  struct BatchSlot;
+  class BatchLocks;
 
   // Authenticates from metadata, then runs `work` on the pool and finishes the reactor with its
   // status; records metrics and logs errors.
@@ -187,27 +246,41 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   std::string NewHandle();
   static std::string EngineLayoutName(const std::string& tenant, const std::string& name);
 
-  // Validates `tensor` against `dtype` and `shape` (exactly) and returns its bytes.
-  absl::StatusOr<Bytes> TensorBytes(const Tenant& tenant, const headwise::v1::Tensor& tensor,
-                                    const char* what, DType dtype,
-                                    const std::vector<int64_t>& shape);
-  // Writes o and lse to the response tensors, inline or into the placement's region.
-  absl::Status PutOutputs(const Tenant& tenant, const headwise::v1::OutputPlacement& placement,
-                          const std::vector<float>& o, std::vector<int64_t> o_shape,
-                          const std::vector<float>& lse, std::vector<int64_t> lse_shape,
-                          headwise::v1::Tensor* o_out, headwise::v1::Tensor* lse_out);
-  // INVALID_ARGUMENT when the placement names a region that cannot hold `bytes` at its offset.
-  absl::Status CheckPlacement(const Tenant& tenant, const headwise::v1::OutputPlacement& placement,
-                              uint64_t bytes);
+  absl::StatusOr<InputBytes> Input(const Tenant& tenant, const headwise::v1::Tensor& tensor,
+                                   const char* what, DType dtype,
+                                   const std::vector<int64_t>& shape) const;
+  absl::StatusOr<OutputTarget> Output(const Tenant& tenant,
+                                      const headwise::v1::OutputPlacement& placement,
+                                      std::vector<int64_t> o_shape,
+                                      std::vector<int64_t> lse_shape) const;
 
-  // RESOURCE_EXHAUSTED when adding `bytes` to the entry's append tier would pass a quota.
-  absl::Status CheckTierQuota(const Tenant& tenant, const SequenceEntry& entry, uint64_t bytes);
-  // Refreshes entry.tier_bytes from the engine and the tenant's sums.
-  void UpdateUsage(SequenceEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
+  // RESOURCE_EXHAUSTED when adding `bytes` to `tier` would pass the tenant's quota.
+  absl::Status CheckTierQuota(const Tenant& tenant, Tier tier, uint64_t bytes);
+  // Refreshes entry.tier_bytes and the tenant's sums from the engine (one GetSequenceStats) and
+  // returns the stats (zeroed usage when the sequence is gone).
+  absl::StatusOr<SequenceStats> UpdateUsage(SequenceEntry& entry)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
+  // NOT_FOUND when the entry was released meanwhile.
+  static absl::Status CheckLive(const SequenceEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
 
-  // Appends k/v to the entry's layer, logging it first when durable. REQUIRES entry.mu.
-  absl::Status AppendLocked(SequenceEntry& entry, int layer, const Bytes& k, const Bytes& v,
-                            int num_tokens) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
+  // Runs `apply` (one all-or-nothing engine call that appends k/v to `layer`). For a durable
+  // sequence the append is logged first and removed from the log again when `apply` fails.
+  absl::Status LoggedAppend(SequenceEntry& entry, int layer, int num_tokens, uint64_t step_id,
+                            absl::Span<const std::byte> k, absl::Span<const std::byte> v,
+                            absl::FunctionRef<absl::Status()> apply)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
+  // Removes ops the engine then refused from the log (errors are logged: the next op of the
+  // sequence reuses the index and replaces a stale one).
+  void ForgetRejectedOps(absl::Span<const std::pair<std::string, uint32_t>> ops);
+
+  static void BeforeOutputsForTesting(std::string_view rpc);
+
+  // Validates a decode step and pins its regions; changes nothing.
+  absl::StatusOr<PreparedDecode> PrepareDecode(const Tenant& tenant, const DecodeCall& call);
+  // Answers a retried decode step from its record (or, for a restored record without outputs,
+  // by attending the same query over the layer): fills step.o, step.lse and step.layer_length.
+  absl::Status AnswerDecodeRetry(PreparedDecode& step, const StepRecord& record)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(step.entry->mu);
 
   absl::Status DoRegisterLayout(const Tenant& tenant,
                                 const headwise::v1::RegisterLayoutRequest& request);
@@ -223,11 +296,18 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   absl::Status DoPrefill(const Tenant& tenant, const headwise::v1::PrefillRequest& request,
                          headwise::v1::PrefillResponse* response);
   // DecodeStep and each DecodeStream step.
-  absl::Status DoDecodeStep(const Tenant& tenant, const std::string& handle, int layer,
-                            const headwise::v1::Tensor& q, const headwise::v1::Tensor& k,
-                            const headwise::v1::Tensor& v,
-                            const headwise::v1::OutputPlacement& output,
+  absl::Status DoDecodeStep(const Tenant& tenant, const DecodeCall& call,
                             headwise::v1::DecodeStepResponse* response);
+  absl::Status DoDecodeStepBatch(const Tenant& tenant,
+                                 const headwise::v1::DecodeStepBatchRequest& request,
+                                 headwise::v1::DecodeStepBatchResponse* response);
+  // The batch's phases under its locks (see service_batch.cc).
+  void AdmitBatch(const Tenant& tenant, std::vector<BatchSlot>& slots);
+  void LogBatch(std::vector<BatchSlot>& slots);
+  void RunBatch(int layer, std::vector<BatchSlot>& slots);
+  void CommitBatch(std::vector<BatchSlot>& slots);
+  // Restores one durable sequence; returns false (logged) when it is skipped.
+  bool RestoreSequence(const headwise::v1::DurableSequenceRecord& record);
   absl::Status DoTruncate(const Tenant& tenant, const headwise::v1::TruncateRequest& request);
   absl::Status DoRelease(const Tenant& tenant, const headwise::v1::ReleaseRequest& request);
   absl::Status DoGetSequence(const Tenant& tenant, const std::string& handle,

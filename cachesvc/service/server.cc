@@ -11,13 +11,12 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <system_error>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "cachesvc/base/bounded_file.h"
 #include "cachesvc/base/status_macros.h"
 #include "cachesvc/service/config.h"
 #include "spdlog/spdlog.h"
@@ -76,12 +75,14 @@ absl::Status PrepareSocketPath(const std::string& path) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", path, "'"));
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
+// A PEM file the operator names (certificate chain, key or CA bundle): at most
+// kMaxTlsFileBytes, regular, symbolic links followed (certificate managers link them).
+absl::StatusOr<std::string> ReadTlsFile(const std::string& what, const std::string& path) {
+  BoundedReadOptions options;
+  options.max_bytes = kMaxTlsFileBytes;
+  options.follow_final_symlink = true;
+  options.description = absl::StrCat("tls.", what, " '", path, "'");
+  return ReadBoundedFile(path, options);
 }
 
 }  // namespace
@@ -105,6 +106,10 @@ absl::Status HeadwiseServer::StartImpl(const headwise::v1::DaemonConfig& config)
   engine_options.device_budget_bytes = config.device_budget_bytes();
   engine_options.host_budget_bytes = config.host_budget_bytes();
   engine_options.copy_threads = config.copy_threads();
+  if (!config.pattern_dir().empty()) {
+    ASSIGN_OR_RETURN(patterns_, PatternDirectory::Open(config.pattern_dir()));
+    engine_options.patterns = patterns_.get();
+  }
   if (!config.data_dir().empty()) {
     RETURN_IF_ERROR(MakePrivateDirectory(config.data_dir()));
     // The spill store only ever holds pages of live sequences: after a restart it is garbage.
@@ -151,10 +156,11 @@ absl::Status HeadwiseServer::StartImpl(const headwise::v1::DaemonConfig& config)
           config.tls().client_ca_path().empty()
               ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
               : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-      ASSIGN_OR_RETURN(std::string cert, ReadFile(config.tls().cert_path()));
-      ASSIGN_OR_RETURN(std::string key, ReadFile(config.tls().key_path()));
+      ASSIGN_OR_RETURN(std::string cert, ReadTlsFile("cert_path", config.tls().cert_path()));
+      ASSIGN_OR_RETURN(std::string key, ReadTlsFile("key_path", config.tls().key_path()));
       if (!config.tls().client_ca_path().empty()) {
-        ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadFile(config.tls().client_ca_path()));
+        ASSIGN_OR_RETURN(ssl.pem_root_certs,
+                         ReadTlsFile("client_ca_path", config.tls().client_ca_path()));
       }
       ssl.pem_key_cert_pairs.push_back({key, cert});
       credentials = grpc::SslServerCredentials(ssl);
@@ -184,13 +190,14 @@ absl::Status HeadwiseServer::StartImpl(const headwise::v1::DaemonConfig& config)
         http_, MetricsHttpServer::Start(metrics_host_, port, [this] { return RenderMetrics(); }));
   }
   spdlog::info(
-      "headwised started: version={} unix={} tcp={} tls={} metrics={} data_dir={} tenants={} "
-      "restored_sequences={}",
+      "headwised started: version={} unix={} tcp={} tls={} metrics={} data_dir={} "
+      "pattern_dir={} tenants={} restored_sequences={}",
       HEADWISE_VERSION, unix_socket_.empty() ? "-" : unix_socket_,
       config.tcp_address().empty() ? "-"
                                    : absl::StrCat(config.tcp_address(), " (port ", tcp_port_, ")"),
       config.tls().cert_path().empty() ? "off" : "on", metrics_url().empty() ? "-" : metrics_url(),
-      config.data_dir().empty() ? "-" : config.data_dir(), config.tenants_size(), restored_);
+      config.data_dir().empty() ? "-" : config.data_dir(),
+      config.pattern_dir().empty() ? "-" : config.pattern_dir(), config.tenants_size(), restored_);
   return absl::OkStatus();
 }
 

@@ -18,6 +18,7 @@
 #include "cachesvc/service/staging.h"
 #include "cachesvc/service/tenants.h"
 #include "headwise/v1/config.pb.h"
+#include "policies/pattern_directory.h"
 
 namespace grpc {
 class Server;
@@ -64,6 +65,8 @@ class HeadwiseServer {
   headwise::v1::DaemonConfig config_;
   ServiceMetrics metrics_;
   std::unique_ptr<TenantRegistry> tenants_;
+  // Declared before engine_, which points to it (EngineOptions::patterns). Null: none configured.
+  std::unique_ptr<PatternDirectory> patterns_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<DurableLog> durable_log_;
   std::unique_ptr<StagingRegistry> staging_;

@@ -1,7 +1,9 @@
 #include "cachesvc/service/config.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -66,6 +68,55 @@ TEST(ConfigTest, RejectsBadConfigs) {
   EXPECT_FALSE(ResolveConfig(tenants, "").ok());
   tenants.mutable_tenants(1)->set_token("");
   EXPECT_FALSE(ResolveConfig(tenants, "").ok());
+}
+
+// The config file goes through the bounded reader: the old loader read /dev/zero (or a FIFO)
+// until memory ran out (or forever).
+TEST(ConfigTest, LoadConfigFileReadsOnlyBoundedRegularFiles) {
+  const std::string dir = ::testing::TempDir() + "/config_test_files";
+  std::filesystem::create_directories(dir);
+  for (const char* device : {"/dev/zero", "/dev/urandom"}) {
+    EXPECT_EQ(LoadConfigFile(device).status().code(), absl::StatusCode::kFailedPrecondition);
+  }
+  const std::string fifo = dir + "/fifo";
+  std::filesystem::remove(fifo);
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(LoadConfigFile(fifo).status().code(), absl::StatusCode::kFailedPrecondition);
+  // Valid text (a comment) one byte over the cap.
+  const std::string big = dir + "/big.textproto";
+  std::ofstream(big) << "#" << std::string(kMaxConfigFileBytes - 1, 'x') << "\n";
+  absl::StatusOr<headwise::v1::DaemonConfig> loaded = LoadConfigFile(big);
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kFailedPrecondition) << loaded.status();
+  EXPECT_EQ(LoadConfigFile(dir + "/none").status().code(), absl::StatusCode::kNotFound);
+  const std::string good = dir + "/good.textproto";
+  std::ofstream(good) << "worker_threads: 7\npattern_dir: \"/srv/patterns\"\n";
+  loaded = LoadConfigFile(good);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->worker_threads(), 7);
+  EXPECT_EQ(loaded->pattern_dir(), "/srv/patterns");
+}
+
+// A config that does not parse (e.g. --config pointing at a key or a shadow file) is reported by
+// position and kind; the text found there is never quoted.
+TEST(ConfigTest, ParseErrorsDoNotQuoteTheText) {
+  struct Case {
+    std::string text;
+    std::string expected;
+  };
+  const Case cases[] = {
+      {"SECRETword: 1\n", "line 1:11: unknown field name"},
+      {"worker_threads: SECRETword\n", "line 1:17: expected integer"},
+      {"root:$6$SECRETword:19000:0:99999:7:::\n", "line 1:"},
+      {"-----BEGIN PRIVATE KEY-----\nSECRETword\n", "line 1:"},
+      {"unix_socket: \"a\"\nlog_level SECRETword\n", "line 2:"},
+  };
+  for (const Case& c : cases) {
+    absl::StatusOr<headwise::v1::DaemonConfig> parsed = ParseConfigText(c.text);
+    ASSERT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument) << c.text;
+    const std::string message(parsed.status().message());
+    EXPECT_EQ(message.find("SECRET"), std::string::npos) << message;
+    EXPECT_NE(message.find(c.expected), std::string::npos) << message;
+  }
 }
 
 TEST(ConfigTest, ParsesByteSizes) {

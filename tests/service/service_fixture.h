@@ -3,9 +3,12 @@
 #ifndef HEADWISE_TESTS_SERVICE_SERVICE_FIXTURE_H_
 #define HEADWISE_TESTS_SERVICE_SERVICE_FIXTURE_H_
 
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstddef>
 #include <cstring>
@@ -117,10 +120,12 @@ class ServiceTest : public ::testing::Test {
     ASSERT_TRUE(status.ok()) << status.error_message();
   }
 
-  std::string CreateSequence(bool durable = false, const std::string& token = kAliceToken) {
+  std::string CreateSequence(bool durable = false, const std::string& token = kAliceToken,
+                             const headwise::v1::PolicySpec& policy = {}) {
     headwise::v1::CreateSequenceRequest request;
     request.set_layout_name("test");
     request.set_durable(durable);
+    *request.mutable_policy() = policy;
     headwise::v1::CreateSequenceResponse response;
     grpc::Status status = stub_->CreateSequence(Ctx(token).get(), request, &response);
     EXPECT_TRUE(status.ok()) << status.error_message();
@@ -147,6 +152,74 @@ class ServiceTest : public ::testing::Test {
     request.set_layer(layer);
     *request.mutable_q() = F32Tensor(q, {4, 16});
     return stub_->Attend(Ctx(token).get(), request, response);
+  }
+
+  // A crash and a restart on the same data directory (durable sequences come back).
+  void Restart() {
+    stub_.reset();
+    channel_.reset();
+    server_.reset();
+    StartServer();
+  }
+
+  // The per-layer lengths of `handle` (empty when GetSequence fails).
+  std::vector<int64_t> Lengths(const std::string& handle, const std::string& token = kAliceToken) {
+    headwise::v1::GetSequenceRequest request;
+    request.set_handle(handle);
+    headwise::v1::SequenceInfo info;
+    if (!stub_->GetSequence(Ctx(token).get(), request, &info).ok()) return {};
+    return {info.layer_lengths().begin(), info.layer_lengths().end()};
+  }
+
+  // A decode step of TestLayout() with random q, k, v from `seed`.
+  static headwise::v1::DecodeStepRequest DecodeRequest(const std::string& handle, int layer,
+                                                       uint32_t seed, uint64_t step_id = 0) {
+    headwise::v1::DecodeStepRequest request;
+    request.set_handle(handle);
+    request.set_layer(layer);
+    *request.mutable_q() = F32Tensor(RandomValues(4 * 16, seed), {4, 16});
+    *request.mutable_k() = F32Tensor(RandomValues(2 * 16, seed + 1), {1, 2, 16});
+    *request.mutable_v() = F32Tensor(RandomValues(2 * 16, seed + 2), {1, 2, 16});
+    request.set_step_id(step_id);
+    return request;
+  }
+
+  // A staging region opened through the service and mapped here too.
+  struct MappedRegion {
+    std::string id;
+    std::string shm_name;
+    char* base = nullptr;
+    size_t size = 0;
+    ~MappedRegion() {
+      if (base != nullptr) munmap(base, size);
+    }
+  };
+  std::unique_ptr<MappedRegion> OpenRegion(size_t size) {
+    headwise::v1::OpenStagingRequest open;
+    open.set_size(size);
+    headwise::v1::OpenStagingResponse opened;
+    grpc::Status status = stub_->OpenStaging(Ctx().get(), open, &opened);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    auto region = std::make_unique<MappedRegion>();
+    region->id = opened.region_id();
+    region->shm_name = opened.shm_name();
+    const int fd = shm_open(opened.shm_name().c_str(), O_RDWR, 0);
+    EXPECT_GE(fd, 0);
+    if (fd < 0) return region;
+    void* base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    EXPECT_NE(base, MAP_FAILED);
+    if (base != MAP_FAILED) {
+      region->base = static_cast<char*>(base);
+      region->size = size;
+    }
+    return region;
+  }
+  grpc::Status CloseRegion(const std::string& id) {
+    headwise::v1::CloseStagingRequest request;
+    request.set_region_id(id);
+    headwise::v1::CloseStagingResponse response;
+    return stub_->CloseStaging(Ctx().get(), request, &response);
   }
 
   std::string dir_;
