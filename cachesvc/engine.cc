@@ -16,15 +16,6 @@
 
 namespace headwise {
 
-namespace {
-
-constexpr int kNoLayer = -1;
-
-int64_t PagesFor(int64_t tokens, int page_tokens) {
-  return (tokens + page_tokens - 1) / page_tokens;
-}
-
-}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // Creation, layouts, the sequence table.
