@@ -543,22 +543,21 @@ const char* SimdTarget() {
   return hwy::TargetName(targets & -targets);
 }
 
+[[noreturn]] void Usage(const std::string& why) {
+  std::fprintf(stderr, "%s (usage at the top of bench/engine_step_bench.cc)\n", why.c_str());
+  std::exit(2);
+}
+
 std::vector<int64_t> ParseList(const char* flag, const char* text) {
   std::vector<int64_t> out;
   for (absl::string_view part : absl::StrSplit(text, ',')) {
     int64_t x = 0;
     if (!absl::SimpleAtoi(part, &x) || x < 1) {
-      std::fprintf(stderr, "%s: bad value '%s'\n", flag, std::string(part).c_str());
-      std::exit(2);
+      Usage(std::string(flag) + ": bad value '" + std::string(part) + "'");
     }
     out.push_back(x);
   }
   return out;
-}
-
-[[noreturn]] void Usage(const std::string& why) {
-  std::fprintf(stderr, "%s (usage at the top of bench/engine_step_bench.cc)\n", why.c_str());
-  std::exit(2);
 }
 
 Flags ParseFlags(int argc, char** argv) {
