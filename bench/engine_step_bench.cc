@@ -1,27 +1,23 @@
 // What the engine adds to one decode step of one layer, and whether layer_offload overlaps its
-// copies: a plain program printing tables (one 4 GiB fill does not fit Google Benchmark's model).
+// copies. A plain program printing tables (a 4 GiB fill does not fit Google Benchmark's model).
 //
-// 1. device_only, one Llama-3-8B layer (32 query heads, 8 KV heads, head_dim 128, f16, 64-token
-//    pages), at each context length (default 4K, 64K and 2^20 tokens) and compute thread count
-//    (default 1 and 2, EngineOptions::compute_threads). In the same run and interleaved rep by
-//    rep, so that a noisy shared machine hits all three alike:
-//      * Engine::Attend at length L (the length does not grow);
-//      * the raw kernels::DecodeAttention over the same L tokens (the same K/V values) in a plain
-//        page pool: every head's pages contiguous and in order, mapped like the emulated device
-//        pool (private anonymous memory, no huge-page advice);
-//      * Engine::DecodeStep at length L (appends token L + 1 and attends over it), then an untimed
-//        Engine::Truncate back to L. L is a multiple of 64, so each timed step opens a new page
-//        per head: the page-boundary case of the append.
-//    Printed per row: medians, and (engine - kernel) / kernel.
-// 2. layer_offload over several layers (default 4 layers x 64K tokens) with a device budget of a
-//    few layers (default 2): median time of a full decode step (DecodeStep on every layer, then an
-//    untimed Truncate), the copy engine's stall vs overlapped time and bytes host->device per
-//    step, and the overlap share = overlapped / (stall + overlapped). Next to it, the same
-//    sequence placed device_only, and the raw kernel over one layer times the layer count.
+// 1. device_only, one Llama-3-8B layer (32 query / 8 KV heads, head_dim 128, f16, 64-token pages)
+//    per context length L and EngineOptions::compute_threads, interleaved rep by rep so that a
+//    noisy machine hits all three alike: Engine::Attend at L; the raw kernels::DecodeAttention
+//    over the same K/V in a plain page pool (each head's pages contiguous, private anonymous
+//    memory like the emulated device pool, written head by head like an engine append); and
+//    Engine::DecodeStep (token L + 1; L is a multiple of 64, so it opens a page per head) followed
+//    by an untimed Truncate back to L. Per row: medians, (engine - kernel) / kernel, and
+//    "paired", the median over reps of (Attend - kernel) / kernel within a rep.
+// 2. layer_offload over several layers with a device budget of a few layers: a full decode step
+//    (DecodeStep on every layer, untimed Truncate after), the copy engine's stall vs overlapped
+//    time, bytes host->device, overlap share = overlapped / (stall + overlapped), and per layer
+//    its time and copy stall (when layer l+1's copy overlaps layer l, layers 1.. stop stalling).
+//    The same sequence placed device_only gives the step without copies: the difference is the
+//    copy time not hidden, whatever the copy engine's accounting says.
 //
-// K and V are pseudo-random multiples of 2^-10 in [-2, 2) (exact in f16), generated per
-// 4096-token chunk from a counter so that the engine and the raw pool get the same values
-// without keeping a copy. The query is N(0, 1).
+// K/V: pseudo-random multiples of 2^-10 in [-2, 2) (exact in f16) from a counter per 4096-token
+// chunk, so the engine and the raw pool get the same values without a copy; q is N(0, 1).
 //
 // Usage: engine_step_bench [--lengths 4096,65536,1048576] [--threads 1,2] [--min_reps N]
 //            [--max_reps N] [--target_s S] [--offload_layers N] [--offload_tokens N]
@@ -42,6 +38,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -176,11 +173,14 @@ class RawPool {
 
   static int64_t PageBytes() { return kernels::PageBytes(kPageTokens, kHeadDim, DType::kF16); }
 
-  // Stores tokens [begin, begin + n), k and v as Append takes them.
+  // Stores tokens [begin, begin + n), k and v as Append takes them. Head by head, as the engine
+  // writes an append: the order of first touch decides where the pages land in physical memory,
+  // and token-major writes (all heads of a token, then the next token) made the 2^20-token kernel
+  // 5-15% slower than the same kernel over the engine's pool in the development runs.
   void Store(int64_t begin, int n, const std::vector<uint16_t>& k, const std::vector<uint16_t>& v) {
-    for (int t = 0; t < n; ++t) {
-      const int64_t token = begin + t;
-      for (int h = 0; h < kKvHeads; ++h) {
+    for (int h = 0; h < kKvHeads; ++h) {
+      for (int t = 0; t < n; ++t) {
+        const int64_t token = begin + t;
         uint16_t* page = pool_ + (h * pages_ + token / kPageTokens) * (PageBytes() / 2);
         const int64_t row = (token % kPageTokens) * kHeadDim;
         const size_t at = (static_cast<size_t>(t) * kKvHeads + h) * kHeadDim;
@@ -279,7 +279,8 @@ int RepsFor(double seconds_per_call, const Flags& flags) {
 
 struct RowResult {
   int reps = 0;
-  double attend_s = 0, kernel_s = 0, step_s = 0;
+  double attend_s = 0, kernel_s = 0, step_s = 0;  // Medians.
+  double paired = 0;        // Median over reps of (attend - kernel) / kernel of the same rep.
   double max_rel_diff = 0;  // Engine Attend output vs the raw kernel's.
 };
 
@@ -323,17 +324,19 @@ RowResult MeasureRow(Engine& engine, const SequenceId& seq, const RawPool& raw, 
   // Warm-up (first touch of staging buffers and OpenMP teams), which also sizes the reps.
   attend();
   const double warm = timed(kernel);
-  timed(step);
+  step();
   Check(engine.Truncate(seq, raw.tokens()), "Truncate");
   RowResult r;
   r.reps = RepsFor(warm, flags);
-  std::vector<double> ta, tk, ts;
+  std::vector<double> ta, tk, ts, paired;
   for (int i = 0; i < r.reps; ++i) {
     ta.push_back(timed(attend));
     tk.push_back(timed(kernel));
     ts.push_back(timed(step));
     Check(engine.Truncate(seq, raw.tokens()), "Truncate");
+    paired.push_back((ta.back() - tk.back()) / tk.back());
   }
+  r.paired = Median(paired);
   r.attend_s = Median(ta);
   r.kernel_s = Median(tk);
   r.step_s = Median(ts);
@@ -349,8 +352,9 @@ double Percent(double engine_s, double kernel_s) {
 
 bool RunDeviceOnly(const Flags& flags) {
   std::printf("== 1. device_only, one layer: engine vs raw kernel (interleaved, medians) ==\n");
-  std::printf("%9s %3s %5s %10s %10s %9s %11s %9s %8s %12s\n", "tokens", "thr", "reps", "attend ms",
-              "kernel ms", "att-kern", "decode ms", "dec-kern", "KV GB/s", "|o-o_kern|");
+  std::printf("%9s %3s %5s %10s %10s %9s %9s %11s %9s %8s %12s\n", "tokens", "thr", "reps",
+              "attend ms", "kernel ms", "att-kern", "paired", "decode ms", "dec-kern", "KV GB/s",
+              "|o-o_kern|");
   std::fflush(stdout);
   const KvGenerator gen;
   bool pass = true;
@@ -367,9 +371,10 @@ bool RunDeviceOnly(const Flags& flags) {
       const RowResult r = MeasureRow(*engine, seq, raw, static_cast<int>(threads), flags);
       pass = pass && r.max_rel_diff <= 1e-6;
       std::printf(
-          "%9lld %3lld %5d %10.3f %10.3f %+8.2f%% %11.3f %+8.2f%% %8.2f %12.2e   (fill %.1f s)\n",
+          "%9lld %3lld %5d %10.3f %10.3f %+8.2f%% %+8.2f%% %11.3f %+8.2f%% %8.2f %12.2e   "
+          "(fill %.1f s)\n",
           static_cast<long long>(tokens), static_cast<long long>(threads), r.reps, r.attend_s * 1e3,
-          r.kernel_s * 1e3, Percent(r.attend_s, r.kernel_s), r.step_s * 1e3,
+          r.kernel_s * 1e3, Percent(r.attend_s, r.kernel_s), 100.0 * r.paired, r.step_s * 1e3,
           Percent(r.step_s, r.kernel_s), tokens * kLayerTokenBytes / r.kernel_s / 1e9,
           r.max_rel_diff, fill_s);
       std::fflush(stdout);
@@ -381,63 +386,103 @@ bool RunDeviceOnly(const Flags& flags) {
 // ---------------------------------------------------------------------------------------------
 // Part 2: layer_offload over several layers.
 
-struct StepRun {
-  std::vector<double> step_s, share;
-  double stall_ns = 0, overlapped_ns = 0, h2d_bytes = 0;
+// One layer's DecodeStep, or a sum of them: time and the engine's copy counters over it.
+struct Call {
+  double seconds = 0, stall_ns = 0, overlapped_ns = 0, h2d_bytes = 0;
+  void operator+=(const Call& c) {
+    seconds += c.seconds;
+    stall_ns += c.stall_ns;
+    overlapped_ns += c.overlapped_ns;
+    h2d_bytes += c.h2d_bytes;
+  }
 };
 
-// Full decode steps: DecodeStep on every layer (timed together), then an untimed Truncate.
+Call TimedDecodeStep(Engine& engine, const SequenceId& seq, int layer, const std::vector<float>& q,
+                     const std::vector<uint16_t>& k, const std::vector<uint16_t>& v) {
+  std::vector<float> o(q.size()), lse(kQHeads);
+  const EngineStats before = engine.GetStats();
+  const auto start = SteadyClock::now();
+  Check(engine.DecodeStep(seq, LayerId(layer), q, Bytes(k), Bytes(v), DType::kF16,
+                          absl::MakeSpan(o), absl::MakeSpan(lse)),
+        "DecodeStep");
+  Call c;
+  c.seconds = Since(start);
+  const EngineStats after = engine.GetStats();
+  c.stall_ns = static_cast<double>(after.stall_ns - before.stall_ns);
+  c.overlapped_ns = static_cast<double>(after.overlapped_ns - before.overlapped_ns);
+  c.h2d_bytes = static_cast<double>(after.bytes_host_to_device - before.bytes_host_to_device);
+  return c;
+}
+
+struct StepRun {
+  std::vector<Call> steps;                // Per step, summed over its layers.
+  std::vector<std::vector<Call>> layers;  // [layer][step].
+};
+
+// Full decode steps: DecodeStep on every layer (a step's time is the sum of its layers' calls;
+// the counters are read between them, untimed), then an untimed Truncate back to `tokens`.
 StepRun RunSteps(Engine& engine, const SequenceId& seq, int layers, int64_t tokens, int steps) {
   std::vector<std::vector<float>> q;
   for (int l = 0; l < layers; ++l) q.push_back(RandomQuery(l));
-  std::vector<float> o(q[0].size()), lse(kQHeads);
   std::vector<uint16_t> nk, nv;
   KvGenerator().Chunk(0, tokens, 1, nk, nv);
   StepRun run;
+  run.layers.resize(layers);
   for (int s = -1; s < steps; ++s) {  // Step -1 warms up and is not recorded.
-    const EngineStats before = engine.GetStats();
-    const auto start = SteadyClock::now();
+    Call step;
     for (int l = 0; l < layers; ++l) {
-      Check(engine.DecodeStep(seq, LayerId(l), q[l], Bytes(nk), Bytes(nv), DType::kF16,
-                              absl::MakeSpan(o), absl::MakeSpan(lse)),
-            "DecodeStep");
+      const Call c = TimedDecodeStep(engine, seq, l, q[l], nk, nv);
+      step += c;
+      if (s >= 0) run.layers[l].push_back(c);
     }
-    const double secs = Since(start);
-    const EngineStats after = engine.GetStats();
     Check(engine.Truncate(seq, tokens), "Truncate");
-    if (s < 0) continue;
-    const double stall = static_cast<double>(after.stall_ns - before.stall_ns);
-    const double overlapped = static_cast<double>(after.overlapped_ns - before.overlapped_ns);
-    run.step_s.push_back(secs);
-    run.share.push_back(stall + overlapped > 0 ? overlapped / (stall + overlapped) : 0.0);
-    run.stall_ns += stall;
-    run.overlapped_ns += overlapped;
-    run.h2d_bytes += static_cast<double>(after.bytes_host_to_device - before.bytes_host_to_device);
+    if (s >= 0) run.steps.push_back(step);
   }
   return run;
 }
 
-void PrintStepRun(const char* name, const StepRun& r, int steps) {
-  const double total = r.stall_ns + r.overlapped_ns;
+template <typename Field>
+double MedianOf(const std::vector<Call>& calls, Field field) {
+  std::vector<double> v;
+  for (const Call& c : calls) v.push_back(field(c));
+  return Median(v);
+}
+
+double Share(const Call& c) {
+  const double copy = c.stall_ns + c.overlapped_ns;
+  return copy > 0 ? c.overlapped_ns / copy : 0.0;
+}
+
+void PrintStepRun(const char* name, const StepRun& r) {
+  Call total;
+  for (const Call& c : r.steps) total += c;
+  const double n = static_cast<double>(r.steps.size());
   std::printf(
-      "%-14s step median %8.2f ms (min %.2f, max %.2f); H2D %.1f MiB/step; stall %.2f ms/step, "
-      "overlapped %.2f ms/step; overlap share %.1f%% overall, per-step median %.1f%%\n",
-      name, Median(r.step_s) * 1e3, *std::min_element(r.step_s.begin(), r.step_s.end()) * 1e3,
-      *std::max_element(r.step_s.begin(), r.step_s.end()) * 1e3, MiB(r.h2d_bytes / steps),
-      r.stall_ns / steps / 1e6, r.overlapped_ns / steps / 1e6,
-      total > 0 ? 100.0 * r.overlapped_ns / total : 0.0, 100.0 * Median(r.share));
+      "%-14s step median %8.2f ms; H2D %.1f MiB/step; stall %.2f ms/step, overlapped %.2f "
+      "ms/step; overlap share %.1f%% overall, per-step median %.1f%%\n",
+      name, MedianOf(r.steps, [](const Call& c) { return c.seconds; }) * 1e3,
+      MiB(total.h2d_bytes / n), total.stall_ns / n / 1e6, total.overlapped_ns / n / 1e6,
+      100.0 * Share(total), 100.0 * MedianOf(r.steps, Share));
+  std::printf("%-14s per layer, median ms (of which copy stall):", "");
+  for (size_t l = 0; l < r.layers.size(); ++l) {
+    std::printf(" L%zu %.2f (%.2f)", l,
+                MedianOf(r.layers[l], [](const Call& c) { return c.seconds; }) * 1e3,
+                MedianOf(r.layers[l], [](const Call& c) { return c.stall_ns; }) / 1e6);
+  }
+  std::printf("\n");
 }
 
 // What the timings say, independent of the copy engine's own accounting: the device_only step is
 // the same work without copies, so the difference is the copy time the step did not hide.
-void PrintExposedCopy(const StepRun& device_only, const StepRun& offload, int steps) {
-  const double compute = Median(device_only.step_s);
-  const double measured = Median(offload.step_s);
+void PrintExposedCopy(const StepRun& device_only, const StepRun& offload) {
+  auto secs = [](const Call& c) { return c.seconds; };
+  const double compute = MedianOf(device_only.steps, secs);
+  const double measured = MedianOf(offload.steps, secs);
   std::printf(
       "layer_offload - device_only = %.2f ms/step of copy not hidden (%.0f%% of the device_only "
-      "step); the compute thread stalled %.2f ms/step on copies\n",
+      "step); the compute thread stalled %.2f ms/step (median) on copies\n",
       (measured - compute) * 1e3, 100.0 * (measured - compute) / compute,
-      offload.stall_ns / steps / 1e6);
+      MedianOf(offload.steps, [](const Call& c) { return c.stall_ns; }) / 1e6);
 }
 
 void RunLayerOffload(const Flags& flags) {
@@ -469,9 +514,9 @@ void RunLayerOffload(const Flags& flags) {
     Fill(*engine, seq, layers, tokens, gen, nullptr);
     offload = RunSteps(*engine, seq, layers, tokens, flags.offload_steps);
   }
-  PrintStepRun("device_only", base, flags.offload_steps);
-  PrintStepRun("layer_offload", offload, flags.offload_steps);
-  PrintExposedCopy(base, offload, flags.offload_steps);
+  PrintStepRun("device_only", base);
+  PrintStepRun("layer_offload", offload);
+  PrintExposedCopy(base, offload);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -498,13 +543,17 @@ const char* SimdTarget() {
   return hwy::TargetName(targets & -targets);
 }
 
+[[noreturn]] void Usage(const std::string& why) {
+  std::fprintf(stderr, "%s (usage at the top of bench/engine_step_bench.cc)\n", why.c_str());
+  std::exit(2);
+}
+
 std::vector<int64_t> ParseList(const char* flag, const char* text) {
   std::vector<int64_t> out;
   for (absl::string_view part : absl::StrSplit(text, ',')) {
     int64_t x = 0;
     if (!absl::SimpleAtoi(part, &x) || x < 1) {
-      std::fprintf(stderr, "%s: bad value '%s'\n", flag, std::string(part).c_str());
-      std::exit(2);
+      Usage(std::string(flag) + ": bad value '" + std::string(part) + "'");
     }
     out.push_back(x);
   }
@@ -513,58 +562,42 @@ std::vector<int64_t> ParseList(const char* flag, const char* text) {
 
 Flags ParseFlags(int argc, char** argv) {
   Flags f;
+  const std::vector<std::pair<std::string, int*>> ints = {
+      {"--min_reps", &f.min_reps},
+      {"--max_reps", &f.max_reps},
+      {"--offload_layers", &f.offload_layers},
+      {"--offload_device_layers", &f.offload_device_layers},
+      {"--offload_steps", &f.offload_steps},
+      {"--copy_threads", &f.copy_threads}};
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--no_offload" || arg == "--no_device_only") {
       (arg == "--no_offload" ? f.offload : f.device_only) = false;
       continue;
     }
-    if (i + 1 >= argc) {
-      std::fprintf(stderr, "%s needs a value (see the usage at the top of %s)\n", arg.c_str(),
-                   __FILE__);
-      std::exit(2);
-    }
+    if (i + 1 >= argc) Usage(arg + " needs a value");
     const char* value = argv[++i];
     if (arg == "--target_s") {
       f.target_s = std::atof(value);
       continue;
     }
     const std::vector<int64_t> list = ParseList(arg.c_str(), value);
-    const int64_t n = list.front();
-    if (arg == "--lengths") {
-      f.lengths = list;
-    } else if (arg == "--threads") {
-      f.threads = list;
-    } else if (arg == "--min_reps") {
-      f.min_reps = static_cast<int>(n);
-    } else if (arg == "--max_reps") {
-      f.max_reps = static_cast<int>(n);
-    } else if (arg == "--offload_layers") {
-      f.offload_layers = static_cast<int>(n);
+    auto it = std::find_if(ints.begin(), ints.end(), [&](const auto& e) { return e.first == arg; });
+    if (it != ints.end()) {
+      *it->second = static_cast<int>(list.front());
+    } else if (arg == "--lengths" || arg == "--threads") {
+      (arg == "--lengths" ? f.lengths : f.threads) = list;
     } else if (arg == "--offload_tokens") {
-      f.offload_tokens = n;
-    } else if (arg == "--offload_device_layers") {
-      f.offload_device_layers = static_cast<int>(n);
-    } else if (arg == "--offload_steps") {
-      f.offload_steps = static_cast<int>(n);
-    } else if (arg == "--copy_threads") {
-      f.copy_threads = static_cast<int>(n);
+      f.offload_tokens = list.front();
     } else {
-      std::fprintf(stderr, "unknown flag %s (see the usage at the top of %s)\n", arg.c_str(),
-                   __FILE__);
-      std::exit(2);
+      Usage("unknown flag " + arg);
     }
   }
   for (const int64_t t : f.lengths) {
-    if (t % kPageTokens != 0) {
-      std::fprintf(stderr, "--lengths: %lld is not a multiple of %d\n", static_cast<long long>(t),
-                   kPageTokens);
-      std::exit(2);
-    }
+    if (t % kPageTokens != 0) Usage("--lengths: " + std::to_string(t) + " is not a multiple of 64");
   }
   if (f.offload_tokens % kPageTokens != 0 || f.max_reps < f.min_reps) {
-    std::fprintf(stderr, "--offload_tokens must be a multiple of 64; max_reps >= min_reps\n");
-    std::exit(2);
+    Usage("--offload_tokens must be a multiple of 64 and --max_reps >= --min_reps");
   }
   return f;
 }

@@ -22,9 +22,15 @@ mkdir -p var
 
 section() { printf '\n== %s\n' "$*"; }
 
+# DuoAttention head patterns that clients may name (PolicySpec pattern_name), when the shared
+# data is beside this checkout. The daemon never opens a path a client sends.
+pattern_flags=()
+patterns=../shared/data/attention/duo_attention/attn_patterns
+[ -d "$patterns" ] && pattern_flags=(--pattern_dir "$patterns")
+
 section "starting headwised (log: var/headwised.log)"
 "$bin/cachesvc/daemon/headwised" --socket "$socket" --data_dir var/data \
-  --metrics 127.0.0.1:0 >var/headwised.log 2>&1 &
+  --metrics 127.0.0.1:0 ${pattern_flags[@]+"${pattern_flags[@]}"} >var/headwised.log 2>&1 &
 daemon=$!
 stop_daemon() {
   if kill -0 "$daemon" 2>/dev/null; then

@@ -15,17 +15,16 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/random/random.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "cachesvc/base/status_macros.h"
+#include "clients/cpp/client_internal.h"
 #include "grpcpp/grpcpp.h"
 #include "headwise/v1/service.grpc.pb.h"
 
 namespace headwise::client {
-
-namespace v1 = ::headwise::v1;
-using Stub = v1::Headwise::Stub;
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
@@ -55,184 +54,17 @@ v1::ModelLayoutProto ToProto(const ModelLayout& layout) {
   return proto;
 }
 
-namespace internal {
-
-// The channel and stub, replaceable after UNAVAILABLE. Shared by the Client, its staging regions
-// and its streams.
-class Connection {
- public:
-  Connection(const ClientOptions& options, std::string target)
-      : options_(options), target_(std::move(target)) {
-    absl::MutexLock lock(&mu_);
-    NewChannelLocked();
-  }
-
-  const ClientOptions& options() const { return options_; }
-
-  // The current stub and its generation (for Reset).
-  std::pair<std::shared_ptr<Stub>, uint64_t> Current() {
-    absl::MutexLock lock(&mu_);
-    return {stub_, generation_};
-  }
-
-  // Replaces the channel unless another caller already replaced generation `seen`.
-  void Reset(uint64_t seen) {
-    absl::MutexLock lock(&mu_);
-    if (seen == generation_) NewChannelLocked();
-  }
-
-  // Token metadata and, when `with_deadline`, the per-call deadline.
-  void Prepare(grpc::ClientContext& context, bool with_deadline) const {
-    context.AddMetadata("authorization", absl::StrCat("Bearer ", options_.token));
-    if (with_deadline) {
-      context.set_deadline(std::chrono::system_clock::now() +
-                           absl::ToChronoMicroseconds(options_.deadline));
-    }
-  }
-
-  // Runs `rpc(stub, context)` (a unary call). On UNAVAILABLE the channel is replaced and, when
-  // `idempotent`, the call is retried with backoff until options.reconnect_deadline.
-  template <typename Rpc>
-  absl::Status Call(bool idempotent, Rpc rpc) {
-    const absl::Time give_up = absl::Now() + options_.reconnect_deadline;
-    absl::Duration backoff = options_.initial_backoff;
-    while (true) {
-      auto [stub, generation] = Current();
-      grpc::ClientContext context;
-      Prepare(context, /*with_deadline=*/true);
-      const grpc::Status status = rpc(*stub, context);
-      if (status.error_code() != grpc::StatusCode::UNAVAILABLE) return FromGrpcStatus(status);
-      Reset(generation);
-      if (!idempotent || absl::Now() + backoff > give_up) return FromGrpcStatus(status);
-      absl::SleepFor(backoff);
-      backoff = std::min(2 * backoff, options_.max_backoff);
-    }
-  }
-
- private:
-  void NewChannelLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(options_.max_message_bytes);
-    args.SetMaxSendMessageSize(options_.max_message_bytes);
-    // A fresh channel per generation: a distinct arg keeps gRPC from handing back the old
-    // subchannel (and its reconnect backoff) from its global pool.
-    args.SetInt("headwise.channel_generation", static_cast<int>(generation_ + 1));
-    std::shared_ptr<grpc::ChannelCredentials> credentials;
-    if (options_.use_tls) {
-      grpc::SslCredentialsOptions ssl;
-      ssl.pem_root_certs = options_.tls_root_certs_pem;
-      credentials = grpc::SslCredentials(ssl);
-    } else {
-      credentials = grpc::InsecureChannelCredentials();
-    }
-    std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(target_, credentials, args);
-    stub_ = std::shared_ptr<Stub>(v1::Headwise::NewStub(channel));
-    ++generation_;
-  }
-
-  const ClientOptions options_;
-  const std::string target_;
-  absl::Mutex mu_;
-  std::shared_ptr<Stub> stub_ ABSL_GUARDED_BY(mu_);
-  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
-};
-
-}  // namespace internal
-
-namespace {
-
-// "unix://rel", "unix:rel" -> "unix:///abs/rel"; TCP targets unchanged.
-std::string NormalizeTarget(const std::string& target) {
-  absl::string_view rest = target;
-  if (absl::StartsWith(rest, "unix://")) {
-    rest.remove_prefix(7);
-  } else if (absl::StartsWith(rest, "unix:")) {
-    rest.remove_prefix(5);
-  } else {
-    return target;
-  }
-  std::filesystem::path path{std::string(rest)};
-  if (path.is_relative()) path = std::filesystem::absolute(path).lexically_normal();
-  return absl::StrCat("unix://", path.string());
-}
-
-void SetInline(v1::Tensor* tensor, v1::DTypeProto dtype, std::initializer_list<int64_t> shape,
-               const void* data, size_t bytes) {
-  tensor->set_dtype(dtype);
-  for (int64_t d : shape) tensor->add_shape(d);
-  tensor->set_data(data, bytes);
-}
-
-void SetStaged(v1::Tensor* tensor, v1::DTypeProto dtype, std::initializer_list<int64_t> shape,
-               const StagingRegion& region, uint64_t offset, uint64_t length) {
-  tensor->set_dtype(dtype);
-  for (int64_t d : shape) tensor->add_shape(d);
-  v1::StagedBytes* staged = tensor->mutable_staged();
-  staged->set_region_id(region.id());
-  staged->set_offset(offset);
-  staged->set_length(length);
-}
-
-uint64_t KvBytes(const ModelLayout& layout, int num_tokens) {
-  return uint64_t(num_tokens) * layout.num_kv_heads * layout.head_dim * DTypeSize(layout.dtype);
-}
-uint64_t QBytes(const ModelLayout& layout) {
-  return uint64_t(layout.num_q_heads) * layout.head_dim * sizeof(float);
-}
-
-void SetQInline(v1::Tensor* tensor, const ModelLayout& layout, absl::Span<const float> q) {
-  SetInline(tensor, v1::DTYPE_F32, {layout.num_q_heads, layout.head_dim}, q.data(),
-            q.size() * sizeof(float));
-}
-void SetKvInline(v1::Tensor* tensor, const ModelLayout& layout, absl::Span<const std::byte> data,
-                 int num_tokens) {
-  SetInline(tensor, ToProto(layout.dtype), {num_tokens, layout.num_kv_heads, layout.head_dim},
-            data.data(), data.size());
-}
-void SetKvStaged(v1::Tensor* tensor, const ModelLayout& layout, const StagingRegion& region,
-                 uint64_t offset, int num_tokens) {
-  SetStaged(tensor, ToProto(layout.dtype), {num_tokens, layout.num_kv_heads, layout.head_dim},
-            region, offset, KvBytes(layout, num_tokens));
-}
-
-// An inline f32 tensor of the reply as floats. INTERNAL when the daemon answered with something
-// else (it placed the output in a region, or sent a size that is not whole floats).
-absl::StatusOr<std::vector<float>> InlineFloats(const v1::Tensor& tensor, const char* what) {
-  if (!tensor.has_data() && tensor.has_staged()) {
-    return absl::InternalError(absl::StrCat("reply's ", what, " is staged, expected inline"));
-  }
-  const std::string& data = tensor.data();
-  if (data.size() % sizeof(float) != 0) {
-    return absl::InternalError(absl::StrCat("reply's ", what, " has ", data.size(), " bytes"));
-  }
-  std::vector<float> out(data.size() / sizeof(float));
-  std::memcpy(out.data(), data.data(), data.size());
-  return out;
-}
-
-absl::StatusOr<AttendOutput> InlineOutput(const v1::Tensor& o, const v1::Tensor& lse,
-                                          int64_t layer_length) {
-  AttendOutput out;
-  ASSIGN_OR_RETURN(out.o, InlineFloats(o, "o"));
-  ASSIGN_OR_RETURN(out.lse, InlineFloats(lse, "lse"));
-  out.layer_length = layer_length;
-  return out;
-}
-
-absl::StatusOr<StagedOutput> StagedOutputOf(const v1::Tensor& o, const v1::Tensor& lse,
-                                            int64_t layer_length) {
-  if (!o.has_staged() || !lse.has_staged()) {
-    return absl::InternalError("reply's o/lse are inline, expected staged");
-  }
-  return StagedOutput{o.staged().offset(), lse.staged().offset(), layer_length};
-}
-
-void SetOutput(v1::OutputPlacement* output, const StagingRegion& region, uint64_t offset) {
-  output->set_region_id(region.id());
-  output->set_offset(offset);
-}
-
-}  // namespace
+using internal::InlineOutput;
+using internal::KvBytes;
+using internal::NormalizeTarget;
+using internal::QBytes;
+using internal::SetInline;
+using internal::SetKvInline;
+using internal::SetKvStaged;
+using internal::SetOutput;
+using internal::SetQInline;
+using internal::SetStaged;
+using internal::StagedOutputOf;
 
 // ---------------------------------------------------------------------------------------------
 // StagingRegion
@@ -371,8 +203,28 @@ struct Client::Layouts {
   absl::flat_hash_map<std::string, ModelLayout> by_name ABSL_GUARDED_BY(mu);
 };
 
+namespace {
+
+// A random start, so that two clients of one tenant do not hand out the same ids.
+uint64_t RandomStepIdBase() {
+  absl::BitGen bitgen;
+  return absl::Uniform<uint64_t>(bitgen) | 1;
+}
+
+}  // namespace
+
 Client::Client(const ClientOptions& options, std::shared_ptr<internal::Connection> connection)
-    : options_(options), connection_(std::move(connection)), layouts_(new Layouts) {}
+    : options_(options),
+      next_step_id_(RandomStepIdBase()),
+      connection_(std::move(connection)),
+      layouts_(new Layouts) {}
+
+uint64_t Client::StepId(uint64_t requested) {
+  if (requested != 0 || !options_.step_ids) return requested;
+  uint64_t id = next_step_id_.fetch_add(1, std::memory_order_relaxed);
+  if (id == 0) id = next_step_id_.fetch_add(1, std::memory_order_relaxed);  // 0 means none.
+  return id;
+}
 
 Client::~Client() = default;
 
@@ -434,28 +286,33 @@ absl::StatusOr<Sequence> Client::CreateSequence(const std::string& layout_name,
 
 absl::StatusOr<int64_t> Client::Append(const Sequence& seq, int layer,
                                        absl::Span<const std::byte> k, absl::Span<const std::byte> v,
-                                       int num_tokens) {
+                                       int num_tokens, uint64_t step_id) {
   v1::AppendRequest request;
   request.set_handle(seq.handle());
   request.set_layer(layer);
   SetKvInline(request.mutable_k(), seq.layout(), k, num_tokens);
   SetKvInline(request.mutable_v(), seq.layout(), v, num_tokens);
+  request.set_step_id(StepId(step_id));
   v1::AppendResponse response;
-  RETURN_IF_ERROR(connection_->Call(false, [&](Stub& stub, grpc::ClientContext& context) {
+  const bool retry = request.step_id() != 0;
+  RETURN_IF_ERROR(connection_->Call(retry, [&](Stub& stub, grpc::ClientContext& context) {
     return stub.Append(&context, request, &response);
   }));
   return response.layer_length();
 }
 
 absl::StatusOr<int64_t> Client::Append(const Sequence& seq, int layer, const StagingRegion& region,
-                                       uint64_t k_offset, uint64_t v_offset, int num_tokens) {
+                                       uint64_t k_offset, uint64_t v_offset, int num_tokens,
+                                       uint64_t step_id) {
   v1::AppendRequest request;
   request.set_handle(seq.handle());
   request.set_layer(layer);
   SetKvStaged(request.mutable_k(), seq.layout(), region, k_offset, num_tokens);
   SetKvStaged(request.mutable_v(), seq.layout(), region, v_offset, num_tokens);
+  request.set_step_id(StepId(step_id));
   v1::AppendResponse response;
-  RETURN_IF_ERROR(connection_->Call(false, [&](Stub& stub, grpc::ClientContext& context) {
+  const bool retry = request.step_id() != 0;
+  RETURN_IF_ERROR(connection_->Call(retry, [&](Stub& stub, grpc::ClientContext& context) {
     return stub.Append(&context, request, &response);
   }));
   return response.layer_length();
@@ -495,7 +352,8 @@ absl::StatusOr<StagedOutput> Client::Attend(const Sequence& seq, int layer,
 absl::StatusOr<AttendOutput> Client::Prefill(const Sequence& seq, int layer,
                                              absl::Span<const float> q,
                                              absl::Span<const std::byte> k,
-                                             absl::Span<const std::byte> v, int num_tokens) {
+                                             absl::Span<const std::byte> v, int num_tokens,
+                                             uint64_t step_id) {
   const ModelLayout& layout = seq.layout();
   v1::PrefillRequest request;
   request.set_handle(seq.handle());
@@ -504,8 +362,10 @@ absl::StatusOr<AttendOutput> Client::Prefill(const Sequence& seq, int layer,
             q.data(), q.size() * sizeof(float));
   SetKvInline(request.mutable_k(), layout, k, num_tokens);
   SetKvInline(request.mutable_v(), layout, v, num_tokens);
+  request.set_step_id(StepId(step_id));
   v1::PrefillResponse response;
-  RETURN_IF_ERROR(connection_->Call(false, [&](Stub& stub, grpc::ClientContext& context) {
+  const bool retry = request.step_id() != 0;
+  RETURN_IF_ERROR(connection_->Call(retry, [&](Stub& stub, grpc::ClientContext& context) {
     return stub.Prefill(&context, request, &response);
   }));
   return InlineOutput(response.o(), response.lse(), 0);
@@ -514,15 +374,17 @@ absl::StatusOr<AttendOutput> Client::Prefill(const Sequence& seq, int layer,
 absl::StatusOr<AttendOutput> Client::DecodeStep(const Sequence& seq, int layer,
                                                 absl::Span<const float> q,
                                                 absl::Span<const std::byte> k,
-                                                absl::Span<const std::byte> v) {
+                                                absl::Span<const std::byte> v, uint64_t step_id) {
   v1::DecodeStepRequest request;
   request.set_handle(seq.handle());
   request.set_layer(layer);
   SetQInline(request.mutable_q(), seq.layout(), q);
   SetKvInline(request.mutable_k(), seq.layout(), k, 1);
   SetKvInline(request.mutable_v(), seq.layout(), v, 1);
+  request.set_step_id(StepId(step_id));
   v1::DecodeStepResponse response;
-  RETURN_IF_ERROR(connection_->Call(false, [&](Stub& stub, grpc::ClientContext& context) {
+  const bool retry = request.step_id() != 0;
+  RETURN_IF_ERROR(connection_->Call(retry, [&](Stub& stub, grpc::ClientContext& context) {
     return stub.DecodeStep(&context, request, &response);
   }));
   return InlineOutput(response.o(), response.lse(), response.layer_length());
@@ -531,7 +393,7 @@ absl::StatusOr<AttendOutput> Client::DecodeStep(const Sequence& seq, int layer,
 absl::StatusOr<StagedOutput> Client::DecodeStep(const Sequence& seq, int layer,
                                                 const StagingRegion& region, uint64_t q_offset,
                                                 uint64_t k_offset, uint64_t v_offset,
-                                                uint64_t out_offset) {
+                                                uint64_t out_offset, uint64_t step_id) {
   const ModelLayout& layout = seq.layout();
   v1::DecodeStepRequest request;
   request.set_handle(seq.handle());
@@ -541,11 +403,47 @@ absl::StatusOr<StagedOutput> Client::DecodeStep(const Sequence& seq, int layer,
   SetKvStaged(request.mutable_k(), layout, region, k_offset, 1);
   SetKvStaged(request.mutable_v(), layout, region, v_offset, 1);
   SetOutput(request.mutable_output(), region, out_offset);
+  request.set_step_id(StepId(step_id));
   v1::DecodeStepResponse response;
-  RETURN_IF_ERROR(connection_->Call(false, [&](Stub& stub, grpc::ClientContext& context) {
+  const bool retry = request.step_id() != 0;
+  RETURN_IF_ERROR(connection_->Call(retry, [&](Stub& stub, grpc::ClientContext& context) {
     return stub.DecodeStep(&context, request, &response);
   }));
   return StagedOutputOf(response.o(), response.lse(), response.layer_length());
+}
+
+absl::StatusOr<std::vector<absl::StatusOr<AttendOutput>>> Client::DecodeStepBatch(
+    int layer, absl::Span<const DecodeBatchItem> items) {
+  v1::DecodeStepBatchRequest request;
+  request.set_layer(layer);
+  bool retry = true;  // Only when every item carries an id.
+  for (const DecodeBatchItem& item : items) {
+    v1::DecodeStepBatchItem* proto = request.add_items();
+    proto->set_handle(item.seq.handle());
+    SetQInline(proto->mutable_q(), item.seq.layout(), item.q);
+    SetKvInline(proto->mutable_k(), item.seq.layout(), item.k, 1);
+    SetKvInline(proto->mutable_v(), item.seq.layout(), item.v, 1);
+    proto->set_step_id(StepId(item.step_id));
+    retry = retry && proto->step_id() != 0;
+  }
+  v1::DecodeStepBatchResponse response;
+  RETURN_IF_ERROR(connection_->Call(retry, [&](Stub& stub, grpc::ClientContext& context) {
+    return stub.DecodeStepBatch(&context, request, &response);
+  }));
+  if (response.results_size() != request.items_size()) {
+    return absl::InternalError(absl::StrCat("DecodeStepBatch: ", response.results_size(),
+                                            " results for ", request.items_size(), " items"));
+  }
+  std::vector<absl::StatusOr<AttendOutput>> out;
+  out.reserve(items.size());
+  for (const v1::DecodeStepBatchResult& result : response.results()) {
+    if (result.code() != 0) {
+      out.push_back(absl::Status(static_cast<absl::StatusCode>(result.code()), result.message()));
+    } else {
+      out.push_back(InlineOutput(result.o(), result.lse(), result.layer_length()));
+    }
+  }
+  return out;
 }
 
 absl::StatusOr<std::unique_ptr<DecodeStream>> Client::OpenDecodeStream(const Sequence& seq) {

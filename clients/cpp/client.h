@@ -18,8 +18,11 @@
 // replaces its channel (so gRPC's own reconnect backoff, up to two minutes, does not apply) and
 // retries the call with exponential backoff until ClientOptions::reconnect_deadline, but only
 // for calls that are safe to repeat: Health, Stats, GetSequence, ListSequences, Attend (inline
-// or staged with output inline). Calls that change state (Append, DecodeStep, Prefill, Create,
-// Fork, Truncate, Release, RegisterLayout, staging) are sent once: on UNAVAILABLE the caller
+// or staged with output inline), and Append, Prefill, DecodeStep and DecodeStepBatch when they
+// carry a step id. A step id (ClientOptions::step_ids, on by default, or one the caller passes)
+// makes the daemon answer a retry of a step it already applied with the first answer instead of
+// appending again (proto/headwise/v1/service.proto, "Step ids"). Calls without one, and Create,
+// Fork, Truncate, Release, RegisterLayout and staging, are sent once: on UNAVAILABLE the caller
 // cannot know whether the daemon applied them, and must decide (GetSequence tells the lengths).
 // The channel is replaced for them too, so the next call goes to a fresh connection.
 //
@@ -30,6 +33,7 @@
 #ifndef HEADWISE_CLIENTS_CPP_CLIENT_H_
 #define HEADWISE_CLIENTS_CPP_CLIENT_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -81,6 +85,10 @@ struct ClientOptions {
   absl::Duration max_backoff = absl::Seconds(1);
   // Connect calls Health (with the reconnect retries) and fails when it fails. Default: true.
   bool check_health = true;
+  // Append, Prefill, DecodeStep and DecodeStepBatch items the caller passes no step id (0) for
+  // get a fresh one from the client (unique per client), and are retried on UNAVAILABLE like
+  // the read-only calls. False: no id is sent for them and they are sent once. Default: true.
+  bool step_ids = true;
 };
 
 // A sequence handle: the daemon's 32-hex-digit handle plus the layout it was created with (the
@@ -219,11 +227,17 @@ class Client {
   // Appends `num_tokens` tokens to `layer`: k, v are [num_tokens][num_kv_heads][head_dim] in the
   // layout's dtype. Returns the layer's length after the append. The daemon validates sizes and
   // the append rule (docs: cachesvc/engine.h); nothing is checked here.
+  //
+  // `step_id` (here and in Prefill, DecodeStep, DecodeStepBatch): the client step id of the call;
+  // 0 lets the client pick one (ClientOptions::step_ids). Reusing an id on purpose resends a step
+  // whose answer was lost: the daemon answers it without appending again.
   absl::StatusOr<int64_t> Append(const Sequence& seq, int layer, absl::Span<const std::byte> k,
-                                 absl::Span<const std::byte> v, int num_tokens);
+                                 absl::Span<const std::byte> v, int num_tokens,
+                                 uint64_t step_id = 0);
   // The same with k and v already written into `region` at k_offset and v_offset.
   absl::StatusOr<int64_t> Append(const Sequence& seq, int layer, const StagingRegion& region,
-                                 uint64_t k_offset, uint64_t v_offset, int num_tokens);
+                                 uint64_t k_offset, uint64_t v_offset, int num_tokens,
+                                 uint64_t step_id = 0);
 
   // Decode attention of q ([num_q_heads][head_dim] f32) over the layer's cached tokens.
   absl::StatusOr<AttendOutput> Attend(const Sequence& seq, int layer, absl::Span<const float> q);
@@ -232,20 +246,38 @@ class Client {
                                       uint64_t q_offset, uint64_t out_offset);
 
   // Chunked causal prefill of num_tokens tokens: q [T][num_q_heads][head_dim] f32, k, v
-  // [T][num_kv_heads][head_dim]; o [T][num_q_heads][head_dim], lse [T][num_q_heads].
+  // [T][num_kv_heads][head_dim]; o [T][num_q_heads][head_dim], lse [T][num_q_heads]. A retry
+  // whose outputs the daemon did not keep (over 64 KiB, or after a restart) is ALREADY_EXISTS:
+  // the chunk was applied.
   absl::StatusOr<AttendOutput> Prefill(const Sequence& seq, int layer, absl::Span<const float> q,
                                        absl::Span<const std::byte> k, absl::Span<const std::byte> v,
-                                       int num_tokens);
+                                       int num_tokens, uint64_t step_id = 0);
 
   // One fused decode step of one layer: append the token's k, v ([1][num_kv_heads][head_dim]),
-  // then attend q over the layer including it.
+  // then attend q over the layer including it. All-or-nothing: refused, it changes nothing.
   absl::StatusOr<AttendOutput> DecodeStep(const Sequence& seq, int layer, absl::Span<const float> q,
                                           absl::Span<const std::byte> k,
-                                          absl::Span<const std::byte> v);
+                                          absl::Span<const std::byte> v, uint64_t step_id = 0);
   absl::StatusOr<StagedOutput> DecodeStep(const Sequence& seq, int layer,
                                           const StagingRegion& region, uint64_t q_offset,
-                                          uint64_t k_offset, uint64_t v_offset,
-                                          uint64_t out_offset);
+                                          uint64_t k_offset, uint64_t v_offset, uint64_t out_offset,
+                                          uint64_t step_id = 0);
+
+  // One layer's decode step for many sequences of this tenant in one RPC (at most
+  // kMaxDecodeBatchItems; distinct sequences). Each item is an independent DecodeStep: the
+  // outer status is the RPC's (INVALID_ARGUMENT for too many items or a repeated sequence,
+  // nothing done), the inner one each item's (e.g. NOT_FOUND for a sequence not of this
+  // tenant), and the results equal one DecodeStep per item. Inputs and outputs inline.
+  struct DecodeBatchItem {
+    Sequence seq;
+    absl::Span<const float> q;      // [num_q_heads][head_dim] f32
+    absl::Span<const std::byte> k;  // [1][num_kv_heads][head_dim], layout dtype
+    absl::Span<const std::byte> v;
+    uint64_t step_id = 0;  // 0: the client picks one (ClientOptions::step_ids).
+  };
+  static constexpr int kMaxDecodeBatchItems = 256;
+  absl::StatusOr<std::vector<absl::StatusOr<AttendOutput>>> DecodeStepBatch(
+      int layer, absl::Span<const DecodeBatchItem> items);
 
   // Opens a DecodeStream for `seq`. The stream has no deadline.
   absl::StatusOr<std::unique_ptr<DecodeStream>> OpenDecodeStream(const Sequence& seq);
@@ -268,8 +300,11 @@ class Client {
 
  private:
   Client(const ClientOptions& options, std::shared_ptr<internal::Connection> connection);
+  // `requested` when non-zero; else a fresh id when options_.step_ids; else 0 (none).
+  uint64_t StepId(uint64_t requested);
 
   const ClientOptions options_;
+  std::atomic<uint64_t> next_step_id_;
   std::shared_ptr<internal::Connection> connection_;
   struct Layouts;
   std::unique_ptr<Layouts> layouts_;

@@ -205,6 +205,34 @@ TEST_F(ErrorsTest, UnknownForgedAndOtherTenantsHandlesAreNotFound) {
   ExpectStillServing();
 }
 
+// A batch of alpha's naming beta's sequence: that item alone is NOT_FOUND, beta's sequence is
+// untouched, and alpha's item equals one DecodeStep (on a fork with the same contents).
+TEST_F(ErrorsTest, DecodeStepBatchItemOfAnotherTenantIsNotFoundAlone) {
+  absl::StatusOr<Sequence> twin = alpha_->Fork(alpha_seq_);
+  ASSERT_TRUE(twin.ok()) << twin.status();
+  const std::vector<float> q = RandomQ(rng_, layout_);
+  const std::vector<std::byte> k = RandomKv(rng_, layout_, 1), v = RandomKv(rng_, layout_, 1);
+  const std::vector<Client::DecodeBatchItem> items = {{alpha_seq_, q, k, v, 0},
+                                                      {beta_seq_, q, k, v, 0}};
+  auto results = alpha_->DecodeStepBatch(0, items);
+  ASSERT_TRUE(results.ok()) << results.status();
+  ASSERT_EQ(results->size(), 2u);
+  ASSERT_TRUE((*results)[0].ok()) << (*results)[0].status();
+  EXPECT_EQ((*results)[1].status().code(), StatusCode::kNotFound);
+  absl::StatusOr<AttendOutput> want = alpha_->DecodeStep(*twin, 0, q, k, v);
+  ASSERT_TRUE(want.ok()) << want.status();
+  EXPECT_EQ((*results)[0]->o, want->o);
+  EXPECT_EQ((*results)[0]->lse, want->lse);
+  EXPECT_EQ((*results)[0]->layer_length, 21);
+  absl::StatusOr<v1::SequenceInfo> beta_info = beta_->GetSequence(beta_seq_);
+  ASSERT_TRUE(beta_info.ok());
+  EXPECT_EQ(beta_info->layer_lengths(0), 20);
+  // A repeated sequence refuses the whole batch.
+  const std::vector<Client::DecodeBatchItem> twice = {{*twin, q, k, v, 0}, {*twin, q, k, v, 0}};
+  EXPECT_EQ(alpha_->DecodeStepBatch(1, twice).status().code(), StatusCode::kInvalidArgument);
+  ExpectStillServing();
+}
+
 TEST_F(ErrorsTest, MissingOrWrongTokenIsUnauthenticated) {
   auto stub = RawStub();
   {

@@ -18,9 +18,11 @@ Tensors (row-major numpy arrays):
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -644,6 +646,13 @@ class Client:
     ``authorization: Bearer <token>``. ``deadline`` (seconds) applies to each unary call (each
     attempt of a retried one). Unless ``check_health=False`` the constructor calls Health, so a
     wrong socket (UNAVAILABLE) or token (UNAUTHENTICATED) raises here.
+
+    Step ids. ``append``, ``prefill``, ``decode_step`` (and their staged forms) and
+    ``decode_step_batch`` items take ``step_id``: ``None`` (default) lets the client pick a fresh
+    one when ``step_ids`` is true, ``0`` sends none, any other int is sent as is. A call that
+    carries an id is retried on UNAVAILABLE like the read-only calls: the daemon answers a
+    retry of a step it already applied with the first answer instead of appending again
+    (service.proto, "Step ids"). Resending an id on purpose does the same.
     """
 
     def __init__(self, target: str = "unix://./var/headwised.sock",
@@ -651,7 +660,7 @@ class Client:
                  max_message_bytes: int = 64 << 20, use_tls: bool = False,
                  tls_root_certs_pem: Optional[bytes] = None, reconnect_deadline: float = 10.0,
                  initial_backoff: float = 0.02, max_backoff: float = 1.0,
-                 check_health: bool = True):
+                 check_health: bool = True, step_ids: bool = True):
         if token is None:
             token = os.environ.get("HEADWISE_TOKEN", "dev-token")
         self.target = _normalize_target(target)
@@ -660,6 +669,9 @@ class Client:
                                  max_backoff)
         self._layouts: dict = {}
         self._layouts_lock = threading.Lock()
+        self._step_ids = bool(step_ids)
+        # A random start, so that two clients of one tenant do not hand out the same ids.
+        self._next_step_id = itertools.count(secrets.randbits(63) | 1)
         if check_health:
             try:
                 self.health()
@@ -758,9 +770,20 @@ class Client:
     def health(self) -> service_pb2.HealthResponse:
         return self._conn.call("Health", service_pb2.HealthRequest(), idempotent=True)
 
+    def _step_id(self, step_id: Optional[int]) -> int:
+        if step_id is None:
+            if not self._step_ids:
+                return 0
+            return (next(self._next_step_id) % (1 << 64)) or 1  # 0 means none.
+        if isinstance(step_id, bool) or not isinstance(step_id, (int, np.integer)) \
+                or not 0 <= int(step_id) < 1 << 64:
+            raise ValueError(f"step_id must be an int in [0, 2**64), got {step_id!r}")
+        return int(step_id)
+
     # -- data calls, inline
 
-    def append(self, seq: Sequence, layer: int, k: Any, v: Any) -> int:
+    def append(self, seq: Sequence, layer: int, k: Any, v: Any,
+               step_id: Optional[int] = None) -> int:
         """Appends k, v ([T, kv_heads, head_dim], layout dtype) to `layer`; returns its length.
 
         Appends follow the engine's step rule: every layer appends the same number of tokens
@@ -769,9 +792,10 @@ class Client:
         layout = _layout(seq)
         layer = _check_layer(layout, layer)
         k, v = _check_kv(layout, k, v)
+        sid = self._step_id(step_id)
         response = self._conn.call("Append", service_pb2.AppendRequest(
             handle=seq.handle, layer=layer, k=_inline(layout.dtype_proto, k),
-            v=_inline(layout.dtype_proto, v)), idempotent=False)
+            v=_inline(layout.dtype_proto, v), step_id=sid), idempotent=sid != 0)
         return response.layer_length
 
     def attend(self, seq: Sequence, layer: int, q: Any) -> AttendOutput:
@@ -785,39 +809,80 @@ class Client:
         return AttendOutput(_read_f32(response.o, (layout.num_q_heads, layout.head_dim), "o"),
                             _read_f32(response.lse, (layout.num_q_heads,), "lse"))
 
-    def prefill(self, seq: Sequence, layer: int, q: Any, k: Any, v: Any) -> AttendOutput:
+    def prefill(self, seq: Sequence, layer: int, q: Any, k: Any, v: Any,
+                step_id: Optional[int] = None) -> AttendOutput:
         """Causal prefill of T tokens: q [T, q_heads, D], k, v [T, kv_heads, D] (stored).
 
         Token t attends every earlier cached token and tokens 0..t of this chunk. Returns
-        o [T, q_heads, D] and lse [T, q_heads].
+        o [T, q_heads, D] and lse [T, q_heads]. A retry whose outputs the daemon did not keep
+        (over 64 KiB, or after a restart) raises ALREADY_EXISTS: the chunk was applied.
         """
         layout = _layout(seq)
         layer = _check_layer(layout, layer)
         k, v = _check_kv(layout, k, v)
         rows = k.shape[0]
         q32 = _check_q(layout, q, rows)
+        sid = self._step_id(step_id)
         response = self._conn.call("Prefill", service_pb2.PrefillRequest(
             handle=seq.handle, layer=layer, q=_inline(policy_pb2.DTYPE_F32, q32),
-            k=_inline(layout.dtype_proto, k), v=_inline(layout.dtype_proto, v)),
-            idempotent=False)
+            k=_inline(layout.dtype_proto, k), v=_inline(layout.dtype_proto, v), step_id=sid),
+            idempotent=sid != 0)
         return AttendOutput(
             _read_f32(response.o, (rows, layout.num_q_heads, layout.head_dim), "o"),
             _read_f32(response.lse, (rows, layout.num_q_heads), "lse"))
 
-    def decode_step(self, seq: Sequence, layer: int, q: Any, k: Any, v: Any) -> DecodeOutput:
+    def decode_step(self, seq: Sequence, layer: int, q: Any, k: Any, v: Any,
+                    step_id: Optional[int] = None) -> DecodeOutput:
         """Appends one token's k, v ([1, kv_heads, D] or [kv_heads, D]) to `layer`, then attends
-        q ([q_heads, D]) over the layer including it. Returns (o, lse, layer_length)."""
+        q ([q_heads, D]) over the layer including it (all-or-nothing: refused, it changes
+        nothing). Returns (o, lse, layer_length)."""
         layout = _layout(seq)
         layer = _check_layer(layout, layer)
-        q32 = _check_q(layout, q, None)
-        k, v = _check_kv(layout, k, v, num_tokens=1, allow_2d=True)
+        sid = self._step_id(step_id)
         response = self._conn.call("DecodeStep", service_pb2.DecodeStepRequest(
-            handle=seq.handle, layer=layer, q=_inline(policy_pb2.DTYPE_F32, q32),
-            k=_inline(layout.dtype_proto, k), v=_inline(layout.dtype_proto, v)),
-            idempotent=False)
-        return DecodeOutput(_read_f32(response.o, (layout.num_q_heads, layout.head_dim), "o"),
-                            _read_f32(response.lse, (layout.num_q_heads,), "lse"),
-                            response.layer_length)
+            handle=seq.handle, layer=layer, step_id=sid,
+            **_decode_tensors(layout, q, k, v)), idempotent=sid != 0)
+        return _decode_output(layout, response.o, response.lse, response.layer_length)
+
+    MAX_DECODE_BATCH_ITEMS = 256
+
+    def decode_step_batch(self, layer: int, items: Any) -> List[Union[DecodeOutput, HeadwiseError]]:
+        """One layer's decode step for many sequences of this tenant in one call.
+
+        ``items``: (seq, q, k, v) or (seq, q, k, v, step_id) tuples, at most
+        MAX_DECODE_BATCH_ITEMS, distinct sequences (else INVALID_ARGUMENT is raised and nothing
+        is done). Each item is an independent decode_step; the result list holds, per item, its
+        DecodeOutput or the HeadwiseError it got (e.g. NOT_FOUND for another tenant's sequence),
+        and the outputs equal one decode_step per item.
+        """
+        request = service_pb2.DecodeStepBatchRequest(layer=int(layer))
+        layouts = []
+        retry = True
+        for item in items:
+            if len(item) not in (4, 5):
+                raise ValueError("a batch item is (seq, q, k, v) or (seq, q, k, v, step_id)")
+            seq, q, k, v = item[:4]
+            layout = _layout(seq)
+            _check_layer(layout, layer)
+            sid = self._step_id(item[4] if len(item) == 5 else None)
+            retry = retry and sid != 0
+            request.items.append(service_pb2.DecodeStepBatchItem(
+                handle=seq.handle, step_id=sid, **_decode_tensors(layout, q, k, v)))
+            layouts.append(layout)
+        if len(request.items) > Client.MAX_DECODE_BATCH_ITEMS:
+            raise ValueError(f"a batch holds at most {Client.MAX_DECODE_BATCH_ITEMS} items")
+        response = self._conn.call("DecodeStepBatch", request, idempotent=retry)
+        if len(response.results) != len(layouts):
+            raise HeadwiseError("INTERNAL", f"{len(response.results)} results for "
+                                f"{len(layouts)} items")
+        out: List[Union[DecodeOutput, HeadwiseError]] = []
+        for layout, result in zip(layouts, response.results):
+            if result.code != 0:
+                out.append(HeadwiseError(_CODES.get(result.code, grpc.StatusCode.UNKNOWN),
+                                         result.message))
+            else:
+                out.append(_decode_output(layout, result.o, result.lse, result.layer_length))
+        return out
 
     def open_decode_stream(self, seq: Sequence) -> DecodeStream:
         """A DecodeStream for `seq` (no deadline)."""
@@ -836,7 +901,7 @@ class Client:
         return StagingRegion(self._conn, response.region_id, response.shm_name, response.size)
 
     def append_staged(self, seq: Sequence, layer: int, region: StagingRegion, k_offset: int,
-                      v_offset: int, num_tokens: int) -> int:
+                      v_offset: int, num_tokens: int, step_id: Optional[int] = None) -> int:
         """Append with k and v already written into `region` at k_offset and v_offset."""
         layout = _layout(seq)
         layer = _check_layer(layout, layer)
@@ -848,10 +913,12 @@ class Client:
         k_offset = region._check_range(k_offset, nbytes, "k")
         v_offset = region._check_range(v_offset, nbytes, "v")
         shape = (int(num_tokens), layout.num_kv_heads, layout.head_dim)
+        sid = self._step_id(step_id)
         response = self._conn.call("Append", service_pb2.AppendRequest(
             handle=seq.handle, layer=layer,
             k=_staged(layout.dtype_proto, shape, region, k_offset, nbytes),
-            v=_staged(layout.dtype_proto, shape, region, v_offset, nbytes)), idempotent=False)
+            v=_staged(layout.dtype_proto, shape, region, v_offset, nbytes), step_id=sid),
+            idempotent=sid != 0)
         return response.layer_length
 
     def attend_staged(self, seq: Sequence, layer: int, region: StagingRegion, q_offset: int,
@@ -874,15 +941,33 @@ class Client:
 
     def decode_step_staged(self, seq: Sequence, layer: int, region: StagingRegion,
                            q_offset: int, k_offset: int, v_offset: int,
-                           out_offset: int) -> StagedOutput:
+                           out_offset: int, step_id: Optional[int] = None) -> StagedOutput:
         """decode_step with q, k, v read from `region`; o then lse written at out_offset."""
         layout = _layout(seq)
         _check_region(region)
+        sid = self._step_id(step_id)
         request = service_pb2.DecodeStepRequest(handle=seq.handle,
-                                                layer=_check_layer(layout, layer))
+                                                layer=_check_layer(layout, layer), step_id=sid)
         _fill_staged_step(request, layout, region, q_offset, k_offset, v_offset, out_offset)
-        response = self._conn.call("DecodeStep", request, idempotent=False)
+        response = self._conn.call("DecodeStep", request, idempotent=sid != 0)
         return _staged_output(region, layout, response.o, response.lse, response.layer_length)
+
+
+# gRPC status codes by number (a batch result carries its code as an int).
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _decode_tensors(layout: Layout, q: Any, k: Any, v: Any) -> dict:
+    """The q, k, v tensors of one decode step, checked against the layout."""
+    q32 = _check_q(layout, q, None)
+    k, v = _check_kv(layout, k, v, num_tokens=1, allow_2d=True)
+    return dict(q=_inline(policy_pb2.DTYPE_F32, q32), k=_inline(layout.dtype_proto, k),
+                v=_inline(layout.dtype_proto, v))
+
+
+def _decode_output(layout: Layout, o: Any, lse: Any, layer_length: int) -> DecodeOutput:
+    return DecodeOutput(_read_f32(o, (layout.num_q_heads, layout.head_dim), "o"),
+                        _read_f32(lse, (layout.num_q_heads,), "lse"), layer_length)
 
 
 def _handle(seq: Any) -> str:

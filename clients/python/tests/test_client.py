@@ -400,3 +400,66 @@ def test_numpy_attention_example(daemon):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "max relative difference vs numpy" in result.stdout
     assert result.stdout.rstrip().endswith("OK")
+
+
+def test_step_ids_make_retries_append_once(client):
+    rng = np.random.default_rng(21)
+    name, layout = make_layout(client, "f32")
+    seq = client.create_sequence(name)
+    for layer in range(layout.num_layers):
+        (k, _), (v, _) = random_kv(rng, layout, 4)
+        assert client.append(seq, layer, k, v, step_id=1000 + layer) == 4
+        # The same id again: a retry, answered with the first length, nothing appended.
+        assert client.append(seq, layer, k, v, step_id=1000 + layer) == 4
+    (k, _), (v, _) = random_kv(rng, layout, 1)
+    q = rng.standard_normal((8, 64)).astype(np.float32)
+    first = client.decode_step(seq, 0, q, k, v, step_id=7)
+    again = client.decode_step(seq, 0, q, k, v, step_id=7)
+    assert first.layer_length == again.layer_length == 5
+    np.testing.assert_array_equal(first.o, again.o)
+    np.testing.assert_array_equal(first.lse, again.lse)
+    # The id reused by another kind of call on that layer is refused.
+    with pytest.raises(headwise.HeadwiseError) as e:
+        client.append(seq, 0, k, v, step_id=7)
+    assert e.value.code == "INVALID_ARGUMENT"
+    assert list(client.get_sequence(seq).layer_lengths) == [5, 4]
+    with pytest.raises(ValueError):
+        client.decode_step(seq, 1, q, k, v, step_id=-1)
+    client.release(seq)
+
+
+def test_decode_step_batch_equals_one_call_per_sequence(client):
+    rng = np.random.default_rng(22)
+    name, layout = make_layout(client, "f16")
+    seqs, twins = [], []
+    for i in range(3):
+        a, b = client.create_sequence(name), client.create_sequence(name)
+        for layer in range(layout.num_layers):
+            (k, _), (v, _) = random_kv(rng, layout, 3 + 5 * i)
+            client.append(a, layer, k, v)
+            client.append(b, layer, k, v)
+        seqs.append(a)
+        twins.append(b)
+    # A sequence of another tenant's namespace: an unknown handle is NOT_FOUND for its item.
+    stranger = headwise.Sequence("0123456789abcdef0123456789abcdef", layout)
+    items, want = [], []
+    for a, b in zip(seqs, twins):
+        (k, _), (v, _) = random_kv(rng, layout, 1)
+        q = rng.standard_normal((8, 64)).astype(np.float32)
+        want.append(client.decode_step(b, 0, q, k, v))
+        items.append((a, q, k, v))
+    items.append((stranger, q, k, v))
+    results = client.decode_step_batch(0, items)
+    assert len(results) == 4
+    for got, expected in zip(results[:3], want):
+        assert isinstance(got, headwise.DecodeOutput), got
+        assert got.layer_length == expected.layer_length
+        np.testing.assert_array_equal(got.o, expected.o)
+        np.testing.assert_array_equal(got.lse, expected.lse)
+    assert isinstance(results[3], headwise.HeadwiseError)
+    assert results[3].code == "NOT_FOUND"
+    with pytest.raises(headwise.HeadwiseError) as e:
+        client.decode_step_batch(1, [items[0], items[0]])
+    assert e.value.code == "INVALID_ARGUMENT"
+    for s in seqs + twins:
+        client.release(s)
