@@ -279,8 +279,9 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   absl::StatusOr<PreparedDecode> PrepareDecode(const Tenant& tenant, const DecodeCall& call);
   // Answers a retried decode step from its record (or, for a restored record without outputs,
   // by attending the same query over the layer): fills step.o, step.lse and step.layer_length.
-  absl::Status AnswerDecodeRetry(PreparedDecode& step, const StepRecord& record)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(step.entry->mu);
+  // REQUIRES: entry is *step.entry.
+  absl::Status AnswerDecodeRetry(SequenceEntry& entry, PreparedDecode& step,
+                                 const StepRecord& record) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
 
   absl::Status DoRegisterLayout(const Tenant& tenant,
                                 const headwise::v1::RegisterLayoutRequest& request);

@@ -105,7 +105,7 @@ void HeadwiseService::AdmitBatch(const Tenant& tenant,
     absl::StatusOr<const StepRecord*> retry =
         entry.steps.FindRetry(step.layer, step.step_id, StepKind::kDecode, 1);
     if (!retry.ok() || *retry != nullptr) {
-      slot.status = retry.ok() ? AnswerDecodeRetry(step, **retry) : retry.status();
+      slot.status = retry.ok() ? AnswerDecodeRetry(entry, step, **retry) : retry.status();
       continue;
     }
     const uint64_t bytes = step.k.span.size() + step.v.span.size();

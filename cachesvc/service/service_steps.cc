@@ -184,7 +184,8 @@ absl::StatusOr<HeadwiseService::PreparedDecode> HeadwiseService::PrepareDecode(
   return step;
 }
 
-absl::Status HeadwiseService::AnswerDecodeRetry(PreparedDecode& step, const StepRecord& record) {
+absl::Status HeadwiseService::AnswerDecodeRetry(SequenceEntry& entry, PreparedDecode& step,
+                                                const StepRecord& record) {
   step.layer_length = record.layer_length;
   if (record.has_outputs) {
     step.o = record.o;
@@ -194,7 +195,7 @@ absl::Status HeadwiseService::AnswerDecodeRetry(PreparedDecode& step, const Step
   // Outputs not kept (a restored record, or over the cap): a decode step is "append, then
   // attend", and nothing has changed the layer since, so attending the same query again gives
   // the step's outputs.
-  return engine_->Attend(step.entry->engine_id, LayerId(step.layer), step.q, absl::MakeSpan(step.o),
+  return engine_->Attend(entry.engine_id, LayerId(step.layer), step.q, absl::MakeSpan(step.o),
                          absl::MakeSpan(step.lse));
 }
 
@@ -208,7 +209,7 @@ absl::Status HeadwiseService::DoDecodeStep(const Tenant& tenant, const DecodeCal
     ASSIGN_OR_RETURN(const StepRecord* retry,
                      entry.steps.FindRetry(step.layer, step.step_id, StepKind::kDecode, 1));
     if (retry != nullptr) {
-      RETURN_IF_ERROR(AnswerDecodeRetry(step, *retry));
+      RETURN_IF_ERROR(AnswerDecodeRetry(entry, step, *retry));
     } else {
       RETURN_IF_ERROR(
           CheckTierQuota(tenant, entry.append_tier, step.k.span.size() + step.v.span.size()));

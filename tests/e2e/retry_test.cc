@@ -29,6 +29,37 @@ struct Step {
   AttendOutput out;
 };
 
+// Appends (even rounds, random chunks) and decode steps (odd rounds) on every layer, recording
+// each acknowledged step; returns the first error.
+absl::Status WriteSteps(Client& client, const Sequence& seq, const ModelLayout& layout, int rounds,
+                        std::vector<Step>& acked, std::atomic<int>& acked_count) {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> chunk(1, 8);
+  for (int round = 0; round < rounds; ++round) {
+    const bool decode = round % 2 == 1;
+    const int tokens = decode ? 1 : chunk(rng);
+    for (int layer = 0; layer < layout.num_layers; ++layer) {
+      Step step;
+      step.layer = layer;
+      step.tokens = tokens;
+      step.k = RandomKv(rng, layout, tokens);
+      step.v = RandomKv(rng, layout, tokens);
+      if (decode) {
+        step.q = RandomQ(rng, layout);
+        absl::StatusOr<AttendOutput> out = client.DecodeStep(seq, layer, step.q, step.k, step.v);
+        if (!out.ok()) return out.status();
+        step.out = *std::move(out);
+      } else {
+        absl::StatusOr<int64_t> length = client.Append(seq, layer, step.k, step.v, tokens);
+        if (!length.ok()) return length.status();
+      }
+      acked.push_back(std::move(step));
+      acked_count.fetch_add(1);
+    }
+  }
+  return absl::OkStatus();
+}
+
 TEST(RetryTest, StepsInFlightAcrossAKillNineApplyExactlyOnce) {
   const ModelLayout layout = TestLayout();
   TempDir dir;
@@ -50,38 +81,8 @@ TEST(RetryTest, StepsInFlightAcrossAKillNineApplyExactlyOnce) {
   std::vector<Step> acked;
   std::atomic<int> acked_count{0};
   absl::Status writer_error;
-  std::thread writer([&] {
-    std::mt19937 rng(5);
-    std::uniform_int_distribution<int> chunk(1, 8);
-    for (int round = 0; round < kRounds; ++round) {
-      const bool decode = round % 2 == 1;
-      const int tokens = decode ? 1 : chunk(rng);
-      for (int layer = 0; layer < layout.num_layers; ++layer) {
-        Step step;
-        step.layer = layer;
-        step.tokens = tokens;
-        step.k = RandomKv(rng, layout, tokens);
-        step.v = RandomKv(rng, layout, tokens);
-        if (decode) {
-          step.q = RandomQ(rng, layout);
-          absl::StatusOr<AttendOutput> out = client->DecodeStep(seq, layer, step.q, step.k, step.v);
-          if (!out.ok()) {
-            writer_error = out.status();
-            return;
-          }
-          step.out = *std::move(out);
-        } else {
-          absl::StatusOr<int64_t> length = client->Append(seq, layer, step.k, step.v, tokens);
-          if (!length.ok()) {
-            writer_error = length.status();
-            return;
-          }
-        }
-        acked.push_back(std::move(step));
-        acked_count.fetch_add(1);
-      }
-    }
-  });
+  std::thread writer(
+      [&] { writer_error = WriteSteps(*client, seq, layout, kRounds, acked, acked_count); });
   const absl::Time give_up = absl::Now() + absl::Seconds(30);
   while (acked_count.load() < 30 && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(2));
   (*first)->Kill9();
