@@ -314,6 +314,7 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
     return absl::InvalidArgumentError(
         absl::StrCat("new_length ", new_length, " must be in [0, ", length, "]"));
   }
+  DropLayerStages(*s);
   const int P = s->layout().page_tokens;
   for (HeadTable& t : s->heads) {
     // Positions increase along a head, so the tokens at or past new_length are a suffix.

@@ -313,6 +313,18 @@ class Engine {
                      int protect_from_head, Staging& out, const PageLists* lists = nullptr,
                      size_t page_begin = 0, size_t page_end = SIZE_MAX);
   static absl::Status WaitStaged(Staging& staging);
+  static void Unpin(Staging& staging);
+  // A fresh payload version (PhysPage::version).
+  uint64_t NextVersion() { return next_version_.fetch_add(1, std::memory_order_relaxed); }
+  // layer_offload's staging kept across calls (Sequence::layer_stage). REQUIRES: s.mu held.
+  // Restage: `layer`'s view, reusing the kept copies of pages unchanged since (page and version
+  // equal) and copying the rest. PrefetchLayers: stages the layers the Prefetcher names after
+  // `layer`, best effort. SettleLayer: waits for `layer`'s kept copies (before its pages are
+  // written). DropLayerStages: releases every kept staging.
+  absl::Status Restage(Sequence& s, int layer, Staging& kept, Staging& out);
+  void PrefetchLayers(Sequence& s, int layer);
+  void SettleLayer(Sequence& s, int layer);
+  void DropLayerStages(Sequence& s);
   static void Unstage(Staging& staging);
 
   absl::Status ValidateAppend(const Sequence& s, int layer, int64_t k_bytes, int64_t v_bytes,
@@ -384,6 +396,7 @@ class Engine {
   std::atomic<int64_t> cow_copies_{0};
   std::atomic<int64_t> disk_delete_failures_{0};
   std::atomic<uint32_t> next_disk_ordinal_{0};
+  std::atomic<uint64_t> next_version_{1};
 };
 
 }  // namespace headwise

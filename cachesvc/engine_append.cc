@@ -41,6 +41,7 @@ absl::Status Engine::PlanAppend(Sequence& s, int layer, int num_tokens,
   plan.start = s.layer_len[layer];
   plan.home = s.placement.home_tier();
   plan.heads.assign(H, AppendPlan::Head{});
+  SettleLayer(s, layer);  // No kept copy of this layer is still reading its pages.
   // Every slot is taken before anything is written. No copy is in flight and partial pages never
   // spill, so any full page may make room.
   absl::Status st;
@@ -120,6 +121,7 @@ void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k,
       PageMeta& m = t.meta.back();
       std::byte* page = pool->SlotAddress(t.phys.back()->slot);
       const int row = m.token_count;
+      if (row == 0 || i == 0) t.phys.back()->version = NextVersion();
       std::memcpy(page + row * row_bytes, k + (i * H + h) * row_bytes, row_bytes);
       std::memcpy(page + (int64_t{P} + row) * row_bytes, v + (i * H + h) * row_bytes, row_bytes);
       if (!m.positions.empty()) m.positions.push_back(plan.start + i);
@@ -320,6 +322,7 @@ void Engine::DropTokens(Sequence& s, HeadTable& t,
       positions.push_back(m.position(r));
       ++w;
     }
+    phys->version = NextVersion();
     const int dropped = m.token_count - w;
     m.token_count = w;
     m.first_position = positions.front();
@@ -356,6 +359,7 @@ void Engine::MergePartialPages(Sequence& s, HeadTable& t) ABSL_NO_THREAD_SAFETY_
         if (!t.scores.empty()) t.scores[w * P + into.token_count + i] = t.scores[r * P + i];
         positions.push_back(from.position(i));
       }
+      a->version = NextVersion();
       into.token_count += from.token_count;
       into.positions = std::move(positions);
       into.last_touched_step = std::max(into.last_touched_step, from.last_touched_step);

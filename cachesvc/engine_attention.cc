@@ -96,9 +96,14 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
   const PageLists* lists = AttendedPages(s, layer, pending, storage);
   if (s.placement.mode != PlacementMode::kHeadOffload) {
     Staging staged;
-    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, staged, lists));
+    const bool kept = lists == nullptr && static_cast<size_t>(layer) < s.layer_stage.size() &&
+                      s.layer_stage[layer].active;
+    RETURN_IF_ERROR(kept ? Restage(s, layer, s.layer_stage[layer], staged)
+                         : Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, staged, lists));
     absl::Status st = WaitStaged(staged);
     if (st.ok()) {
+      // layer_offload: the next layers are copied while this one computes.
+      PrefetchLayers(s, layer);
       st = RunDecode(s, staged, q, layout.num_q_heads, o, lse, H);
       if (st.ok() && s.wants_stats) FeedStats(s, layer, staged, lists, 0);
     }

@@ -27,6 +27,12 @@ struct Engine::PhysPage {
   Tier tier = Tier::kHost;
   uint64_t slot = 0;
   PageKey disk_key;
+  // Identifies the payload's contents: a fresh engine-wide value when the page is created and
+  // each time its rows are written (append, token drop, compaction), so a staged copy taken at
+  // (page, version) is still exact while both match. Changed only while exclusive.
+  uint64_t version = 0;
+  // Staging copies reading this page that are still in flight: a pinned page is not spilled.
+  std::atomic<int32_t> pins{0};
 
   bool exclusive() const { return refs.load(std::memory_order_acquire) == 1; }
 };
@@ -45,6 +51,34 @@ struct Engine::HeadTable {
   // With a TokenScorer: the score of each held token, page-major (page i row r at
   // scores[i * page_tokens + r]); moved with its token, dropped with it. Empty otherwise.
   std::vector<float> scores;
+};
+
+// Device-resident pages of some heads of one layer, as a CSR view. For device_only the view
+// points at the pages themselves; otherwise at staging copies in `extents`.
+struct Engine::Staging {
+  const PoolSet* pools = nullptr;  // Set by Stage.
+  int h_begin = 0;
+  int h_end = 0;
+  std::vector<int32_t> indptr;
+  std::vector<int32_t> indices;
+  std::vector<int32_t> last_page_len;
+  // Per staged page token counts; empty when every page but each head's last is full.
+  std::vector<int32_t> page_len;
+  std::vector<Extent> extents;
+  std::vector<CopyTicket> tickets;
+  // The staged pages and their versions, in CSR order (copies only): what a later call may reuse.
+  std::vector<PhysPage*> sources;
+  std::vector<uint64_t> versions;
+  // Sources pinned until their copies are waited for.
+  std::vector<PhysPage*> pinned;
+  // The first failure reported by a move callback; shared with the callbacks, so a Staging may
+  // be moved while its copies run.
+  struct CopyState {
+    Mutex mu;
+    absl::Status status ABSL_GUARDED_BY(mu);
+  };
+  std::shared_ptr<CopyState> copy_state = std::make_shared<CopyState>();
+  bool active = false;
 };
 
 struct Engine::Sequence {
@@ -69,6 +103,9 @@ struct Engine::Sequence {
   bool wants_stats = false;
   std::vector<float> probs_scratch ABSL_GUARDED_BY(mu);
   std::vector<float> mass_scratch ABSL_GUARDED_BY(mu);
+  // layer_offload: layers staged ahead of need (the Prefetcher's choice), one per layer, kept
+  // across calls until the layer is attended (its unchanged pages are reused) or changed.
+  std::vector<Staging> layer_stage ABSL_GUARDED_BY(mu);
 
   const ModelLayout& layout() const { return layout_entry->layout; }
   const PoolSet& pools() const { return *layout_entry->pools; }
@@ -103,29 +140,6 @@ struct Engine::AppendPlan {
   std::vector<Head> heads;
   bool applied = false;
   bool completes_step = false;  // Appending makes every layer reach the step's length.
-};
-
-// Device-resident pages of some heads of one layer, as a CSR view. For device_only the view
-// points at the pages themselves; otherwise at staging copies in `extents`.
-struct Engine::Staging {
-  const PoolSet* pools = nullptr;  // Set by Stage.
-  int h_begin = 0;
-  int h_end = 0;
-  std::vector<int32_t> indptr;
-  std::vector<int32_t> indices;
-  std::vector<int32_t> last_page_len;
-  // Per staged page token counts; empty when every page but each head's last is full.
-  std::vector<int32_t> page_len;
-  std::vector<Extent> extents;
-  std::vector<CopyTicket> tickets;
-  // The first failure reported by a move callback; shared with the callbacks, so a Staging may
-  // be moved while its copies run.
-  struct CopyState {
-    Mutex mu;
-    absl::Status status ABSL_GUARDED_BY(mu);
-  };
-  std::shared_ptr<CopyState> copy_state = std::make_shared<CopyState>();
-  bool active = false;
 };
 
 }  // namespace headwise

@@ -106,7 +106,7 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
     const HeadTable& t = s.table(layer, h);
     const auto [first, end] = range(h, t);
     for (size_t i = first; i < end; ++i) {
-      const PhysPage* p = t.phys[ordinal(h, i)];
+      PhysPage* p = t.phys[ordinal(h, i)];
       MoveRequest move;
       move.direction = CopyDirection::kHostToDevice;
       move.priority = priority;
@@ -126,14 +126,24 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
         return ticket.status();
       }
       out.tickets.push_back(*ticket);
+      p->pins.fetch_add(1, std::memory_order_relaxed);
+      out.pinned.push_back(p);
+      out.sources.push_back(p);
+      out.versions.push_back(p->version);
     }
   }
   return absl::OkStatus();
 }
 
+void Engine::Unpin(Staging& staging) {
+  for (PhysPage* p : staging.pinned) p->pins.fetch_sub(1, std::memory_order_relaxed);
+  staging.pinned.clear();
+}
+
 absl::Status Engine::WaitStaged(Staging& staging) {
   for (CopyTicket t : staging.tickets) RETURN_IF_ERROR(staging.pools->copier->Wait(t));
   staging.tickets.clear();
+  Unpin(staging);
   MutexLock lock(&staging.copy_state->mu);
   return staging.copy_state->status;
 }
@@ -142,9 +152,121 @@ void Engine::Unstage(Staging& staging) {
   if (!staging.active) return;
   for (CopyTicket t : staging.tickets) (void)staging.pools->copier->Wait(t);
   staging.tickets.clear();
+  Unpin(staging);
   for (const Extent& e : staging.extents) (void)staging.pools->device->Free(e);
   staging.extents.clear();
   staging.active = false;
+}
+
+absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept,
+                             Staging& out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (!WaitStaged(kept).ok()) {
+    Unstage(kept);
+    return Stage(s, layer, 0, s.layout().num_kv_heads, CopyPriority::kDemandFetch, 0, out);
+  }
+  const int H = s.layout().num_kv_heads;
+  const int P = s.layout().page_tokens;
+  const PoolSet& pools = s.pools();
+  out = Staging();
+  out.pools = &pools;
+  out.h_begin = 0;
+  out.h_end = H;
+  out.active = true;
+  out.extents = std::move(kept.extents);  // Replaced copies' slots are freed with the rest.
+  out.indptr.push_back(0);
+  out.indices.reserve(1);
+  struct Missing {
+    PhysPage* page;
+    size_t entry;
+  };
+  std::vector<Missing> missing;
+  bool sparse = false;
+  for (int h = 0; h < H; ++h) {
+    HeadTable& t = s.table(layer, h);
+    const int32_t kept_begin = kept.indptr[h], kept_n = kept.indptr[h + 1] - kept.indptr[h];
+    for (size_t i = 0; i < t.phys.size(); ++i) {
+      RETURN_IF_ERROR(EnsureInMemory(s, t, i, static_cast<size_t>(layer) * H,
+                                     static_cast<size_t>(layer + 1) * H));
+      PhysPage* p = t.phys[i];
+      const size_t k = kept_begin + i;
+      if (static_cast<int32_t>(i) < kept_n && kept.sources[k] == p &&
+          kept.versions[k] == p->version) {
+        out.indices.push_back(kept.indices[k]);
+      } else {
+        missing.push_back(Missing{p, out.indices.size()});
+        out.indices.push_back(-1);
+      }
+      out.sources.push_back(p);
+      out.versions.push_back(p->version);
+      const int32_t count = t.meta[i].token_count;
+      out.page_len.push_back(count);
+      sparse = sparse || (count != P && i + 1 != t.phys.size());
+      t.meta[i].last_touched_step = s.step;
+    }
+    out.indptr.push_back(static_cast<int32_t>(out.indices.size()));
+    out.last_page_len.push_back(t.phys.empty() ? 0 : out.page_len.back());
+  }
+  if (!sparse) out.page_len.clear();
+  kept = Staging();
+  // The pages that changed since they were staged (the tails appended to, new pages) are copied
+  // now, at demand priority.
+  std::shared_ptr<Staging::CopyState> state = out.copy_state;
+  for (const Missing& m : missing) {
+    RETURN_IF_ERROR(Fault("alloc.device"));
+    absl::StatusOr<Extent> one = pools.device->AllocateExtent(1);
+    if (!one.ok()) {
+      Unstage(out);
+      return absl::ResourceExhaustedError(
+          absl::StrCat("device tier cannot stage layer ", layer, ": ", one.status().message()));
+    }
+    out.extents.push_back(*one);
+    out.indices[m.entry] = static_cast<int32_t>(one->first_slot);
+    MoveRequest move;
+    move.direction = CopyDirection::kHostToDevice;
+    move.priority = CopyPriority::kDemandFetch;
+    move.src_slot = m.page->slot;
+    move.dst_slot = one->first_slot;
+    move.done = [state](absl::Status st) {
+      MutexLock lock(&state->mu);
+      if (state->status.ok()) state->status = std::move(st);
+    };
+    absl::Status fault = Fault("copy.submit");
+    absl::StatusOr<CopyTicket> ticket =
+        fault.ok() ? pools.copier->Submit(std::move(move)) : absl::StatusOr<CopyTicket>(fault);
+    if (!ticket.ok()) {
+      Unstage(out);
+      return ticket.status();
+    }
+    out.tickets.push_back(*ticket);
+    m.page->pins.fetch_add(1, std::memory_order_relaxed);
+    out.pinned.push_back(m.page);
+  }
+  return absl::OkStatus();
+}
+
+void Engine::PrefetchLayers(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (s.placement.mode != PlacementMode::kLayerOffload) return;
+  const int L = s.layout().num_layers;
+  if (s.layer_stage.size() != static_cast<size_t>(L)) s.layer_stage.resize(L);
+  for (int next : s.stack->prefetcher().LayersAhead(layer, L)) {
+    if (next == layer || s.layer_stage[next].active) continue;
+    // Best effort: a layer that does not fit beside the current one is staged on demand.
+    if (!Stage(s, next, 0, s.layout().num_kv_heads, CopyPriority::kPrefetch, 0, s.layer_stage[next])
+             .ok()) {
+      s.layer_stage[next] = Staging();
+      break;
+    }
+  }
+}
+
+void Engine::SettleLayer(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  if (static_cast<size_t>(layer) >= s.layer_stage.size()) return;
+  Staging& kept = s.layer_stage[layer];
+  if (kept.active && !WaitStaged(kept).ok()) Unstage(kept);
+}
+
+void Engine::DropLayerStages(Sequence& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  for (Staging& kept : s.layer_stage) Unstage(kept);
 }
 
 }  // namespace headwise

@@ -20,6 +20,7 @@ Engine::PhysPage* Engine::NewPage(Tier tier, uint64_t slot) {
   auto* page = new PhysPage;
   page->tier = tier;
   page->slot = slot;
+  page->version = NextVersion();
   live_pages_[static_cast<int>(tier)].fetch_add(1, std::memory_order_relaxed);
   return page;
 }
@@ -58,6 +59,7 @@ void Engine::ReleaseArena(const PoolSet& pools, HeadTable& table) {
 }
 
 void Engine::ReleaseAllPages(Sequence& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  DropLayerStages(s);
   const PoolSet& pools = s.pools();
   for (HeadTable& t : s.heads) {
     for (PhysPage* p : t.phys) Unref(pools, p);
@@ -129,7 +131,7 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_beg
     for (size_t pi = 0; pi < t.phys.size(); ++pi) {
       PhysPage* p = t.phys[pi];
       if (p->tier != Tier::kHost || t.meta[pi].token_count != layout.page_tokens ||
-          !p->exclusive()) {
+          !p->exclusive() || p->pins.load(std::memory_order_relaxed) > 0) {
         continue;
       }
       candidates.push_back(SpillCandidate{static_cast<int64_t>(where.size()),

@@ -380,5 +380,50 @@ TEST_F(EngineV2Test, ForkClonesTheStackAndItsScores) {
   EXPECT_EQ(engine_->GetStats().device_pages, 0);
 }
 
+TEST_F(EngineV2Test, LayerOffloadStagesTheNextLayerAheadAndStaysExact) {
+  layout_.num_layers = 3;
+  Make();
+  headwise::v1::PolicySpec spec;
+  spec.mutable_placement()->set_mode(headwise::v1::Placement::LAYER_OFFLOAD);
+  const SequenceId seq = Create(spec);
+  KvHistory history(layout_);
+  AppendAll(seq, history, 21, 4);
+  const int n = layout_.num_q_heads * layout_.head_dim;
+  const int64_t page = layout_.page_bytes();
+  const uint64_t before = engine_->GetStats().bytes_host_to_device;
+  int64_t allowance = 0;
+  for (int step = 0; step < 6; ++step) {
+    int64_t pages_held = 0;
+    for (int l = 0; l < layout_.num_layers; ++l) {
+      const KvChunk c = history.MakeChunk(1, 600 + step * 5 + l);
+      const std::vector<float> q = RandomFloats(n, 700 + step * 5 + l);
+      std::vector<float> o(n), lse(layout_.num_q_heads);
+      ASSERT_TRUE(engine_
+                      ->DecodeStep(seq, LayerId(l), q, c.k, c.v, layout_.dtype, absl::MakeSpan(o),
+                                   absl::MakeSpan(lse))
+                      .ok());
+      history.Record(l, c);
+      std::vector<double> ro, rl;
+      history.Reference(l, q, &ro, &rl);
+      ASSERT_LT(MaxRelError(o.data(), ro), kTol) << "step " << step << " layer " << l;
+      pages_held += (history.length(l) + 3) / 4 * layout_.num_kv_heads;
+    }
+    // Each layer is copied once per step (staged ahead while the layer before computes), plus
+    // the pages its own append changed; never twice. The first step after nothing was kept
+    // (the start, and after the truncate) also copies layer 0 on demand.
+    const int64_t cold = step == 0 || step == 4 ? pages_held / layout_.num_layers + 2 : 0;
+    allowance += (pages_held + cold + 2 * layout_.num_layers * layout_.num_kv_heads) * page;
+    if (step == 3) {
+      // A truncate in the middle drops what is kept on the device; outputs stay exact.
+      ASSERT_TRUE(engine_->Truncate(seq, history.length(0) - 2).ok());
+      history.Truncate(history.length(0) - 2);
+    }
+  }
+  ASSERT_TRUE(engine_->Release(seq).ok());  // Waits for the copies still in flight.
+  const uint64_t moved = engine_->GetStats().bytes_host_to_device - before;
+  EXPECT_LE(moved, static_cast<uint64_t>(allowance));
+  EXPECT_EQ(engine_->GetStats().device.used_bytes, 0u);
+}
+
 }  // namespace
 }  // namespace headwise
