@@ -337,6 +337,7 @@ class Engine {
   absl::Status PlanAppend(Sequence& s, int layer, int num_tokens, AppendPlan& plan);
   void ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k, const std::byte* v);
   void UndoAppend(Sequence& s, AppendPlan& plan);
+  void ScoreAppendedKeys(Sequence& s, HeadTable& t, int h, int n, const std::byte* k);
   // Ends an applied plan for good: releases the pages its copy-on-write copies replaced.
   void CommitAppend(Sequence& s, AppendPlan& plan);
   // The stack's decisions for every head of `layer` (pure), and applying them (cannot fail:

@@ -130,6 +130,9 @@ void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k,
       m.last_touched_step = s.step;
     }
     t.tokens += plan.num_tokens;
+    if (!t.scores.empty() && s.stack->scorer()->needs().appended_keys) {
+      ScoreAppendedKeys(s, t, h, plan.num_tokens, k);
+    }
   }
   s.retained_tokens += int64_t{plan.num_tokens} * H;
   const int64_t before = s.length();
@@ -137,6 +140,31 @@ void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k,
   plan.completes_step = s.length() > before;
   if (plan.completes_step) s.step += s.length() - before;
   plan.applied = true;
+}
+
+// The scorer's scores of the `n` tokens just appended to head `h` (the last n held rows).
+void Engine::ScoreAppendedKeys(Sequence& s, HeadTable& t, int h, int n,
+                               const std::byte* k) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  const ModelLayout& layout = s.layout();
+  const int D = layout.head_dim;
+  const int P = layout.page_tokens;
+  std::vector<float>& keys = s.probs_scratch;  // Free between decode calls.
+  std::vector<float> scores(n);
+  keys.resize(static_cast<size_t>(n) * D);
+  for (int i = 0; i < n; ++i) {
+    for (int c = 0; c < D; ++c) {
+      keys[i * D + c] =
+          LoadAsFloat(k, layout.dtype, (static_cast<size_t>(i) * layout.num_kv_heads + h) * D + c);
+    }
+  }
+  s.stack->scorer()->ScoreAppended(absl::MakeConstSpan(keys.data(), keys.size()), D,
+                                   absl::MakeSpan(scores));
+  // Walk back over the last n rows of the head.
+  int i = n - 1;
+  for (size_t p = t.meta.size(); p-- > 0 && i >= 0;) {
+    for (int r = t.meta[p].token_count - 1; r >= 0 && i >= 0; --r)
+      t.scores[p * P + r] = scores[i--];
+  }
 }
 
 void Engine::UndoAppend(Sequence& s, AppendPlan& plan) ABSL_NO_THREAD_SAFETY_ANALYSIS {

@@ -97,6 +97,9 @@ struct StatsNeeds {
   // Per-token probabilities of each decode query (kernels::DecodeArgs::token_probs: the mean
   // over the g query heads of a KV head's group). Default: false.
   bool token_probs = false;
+  // The keys of the tokens being appended (as f32), for scorers of key statistics (key norm).
+  // Default: false.
+  bool appended_keys = false;
 };
 
 // How the importance of each held token evolves. The scores themselves live in the engine's page
@@ -110,6 +113,12 @@ class TokenScorer {
   virtual StatsNeeds needs() const = 0;
   // The score of a token when it is appended. Default: 0.
   virtual float InitialScore() const { return 0.0f; }
+  // With needs().appended_keys: the scores of the tokens being appended to one head, from their
+  // keys ([n][head_dim] f32, n = out.size()). Default: InitialScore() for each.
+  virtual void ScoreAppended(absl::Span<const float> /*keys*/, int /*head_dim*/,
+                             absl::Span<float> out) const {
+    for (float& x : out) x = InitialScore();
+  }
   // One decode query's statistics for one head: probs[i * page_tokens + r] is the probability of
   // page i row r (the layout of HeadContext::token_scores); updates `scores` in place.
   virtual void Accumulate(absl::Span<const float> probs, absl::Span<float> scores) const = 0;
