@@ -111,7 +111,7 @@ std::shared_ptr<HeadwiseService::SequenceEntry> HeadwiseService::InsertSequence(
 absl::StatusOr<SequenceStats> HeadwiseService::UpdateUsage(SequenceEntry& entry) {
   absl::StatusOr<SequenceStats> stats =
       entry.released ? absl::StatusOr<SequenceStats>(NoSequence(entry.handle))
-                     : engine_->GetSequenceStats(entry.engine_id);
+                     : engine_->GetSequenceStats(entry.engine_id, StatsDetail::kUsage);
   std::array<int64_t, 3> now = {0, 0, 0};
   if (stats.ok()) now = {stats->device_bytes, stats->host_bytes, stats->disk_bytes};
   TenantState& state = StateOf(*entry.tenant);
@@ -277,7 +277,8 @@ absl::Status HeadwiseService::DoTruncate(const Tenant& tenant,
   ASSIGN_OR_RETURN(auto entry, FindSequence(tenant, request.handle()));
   absl::MutexLock lock(&entry->mu);
   RETURN_IF_ERROR(CheckLive(*entry));
-  ASSIGN_OR_RETURN(SequenceStats stats, engine_->GetSequenceStats(entry->engine_id));
+  ASSIGN_OR_RETURN(SequenceStats stats,
+                   engine_->GetSequenceStats(entry->engine_id, StatsDetail::kUsage));
   if (request.length() < 0 || request.length() > stats.length) {
     return absl::InvalidArgumentError(
         absl::StrCat("truncate length ", request.length(), " is not in [0, ", stats.length, "]"));

@@ -256,8 +256,9 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
 
   // RESOURCE_EXHAUSTED when adding `bytes` to `tier` would pass the tenant's quota.
   absl::Status CheckTierQuota(const Tenant& tenant, Tier tier, uint64_t bytes);
-  // Refreshes entry.tier_bytes and the tenant's sums from the engine (one GetSequenceStats) and
-  // returns the stats (zeroed usage when the sequence is gone).
+  // Refreshes entry.tier_bytes and the tenant's sums from the engine (one GetSequenceStats at
+  // StatsDetail::kUsage: O(layers), no page walk; shared_pages is not filled) and returns the
+  // stats (zeroed usage when the sequence is gone). Every mutating RPC calls it once.
   absl::StatusOr<SequenceStats> UpdateUsage(SequenceEntry& entry)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
   // NOT_FOUND when the entry was released meanwhile.

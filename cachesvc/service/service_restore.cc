@@ -122,7 +122,8 @@ bool HeadwiseService::RestoreSequence(const headwise::v1::DurableSequenceRecord&
   {
     absl::MutexLock lock(&entry->mu);
     entry->next_op = replayed.next_op;
-    absl::StatusOr<SequenceStats> stats = engine_->GetSequenceStats(entry->engine_id);
+    absl::StatusOr<SequenceStats> stats =
+        engine_->GetSequenceStats(entry->engine_id, StatsDetail::kUsage);
     for (int layer = 0; stats.ok() && layer < layout->num_layers; ++layer) {
       if (replayed.last_step_id[layer] == 0) continue;
       // The layer's last op is that append, so its length now is the length right after it.

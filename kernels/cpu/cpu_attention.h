@@ -43,7 +43,12 @@ inline constexpr int kAttendScratchRows = 8;
 
 // Backend halves of kernels/attention.h, called after validation.
 void Decode(const PagedKvView& kv, const DecodeArgs& args);
+// The blocked (flash-attention style) prefill that PrefillAttention runs (prefill_tiled.cc).
 void Prefill(const PagedKvView& kv, const PrefillArgs& args);
+// The previous prefill: AttendRows over every cached page and over the whole chunk with a
+// causal limit per row (no tiling of the chunk). Same results up to f32 rounding; kept for
+// tests and for the benchmark's comparison.
+void PrefillRowwise(const PagedKvView& kv, const PrefillArgs& args);
 void MergeStates(const float* const* o_parts, const float* const* lse_parts, int num_parts,
                  int rows, int head_dim, float* o_out, float* lse_out);
 

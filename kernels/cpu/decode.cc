@@ -1,6 +1,7 @@
-// Decode and chunked-prefill attention on the CPU: splits the work over KV heads and runs of
-// pages (flash-decoding), runs AttendRows on each piece with OpenMP, and merges the partial
-// states with the LSE rule.
+// Decode attention on the CPU: splits the work over KV heads and runs of pages
+// (flash-decoding), runs AttendRows on each piece with OpenMP, and merges the partial states
+// with the LSE rule. Also the previous, row-blocked prefill (PrefillRowwise), kept as a second
+// implementation for tests and the benchmark; the prefill in use is prefill_tiled.cc.
 
 #include <omp.h>
 
@@ -201,7 +202,7 @@ void Decode(const PagedKvView& kv, const DecodeArgs& args) {
   }
 }
 
-void Prefill(const PagedKvView& kv, const PrefillArgs& args) {
+void PrefillRowwise(const PagedKvView& kv, const PrefillArgs& args) {
   const int threads = ResolveThreads(args.num_threads);
   const int group = args.num_q_heads / kv.num_kv_heads;
   const int d = kv.head_dim;

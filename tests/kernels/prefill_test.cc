@@ -178,6 +178,22 @@ TEST(PrefillAttention, SparseCachedPagesWithTokenBias) {
   CheckSparsePrefill(DType::kBF16, 64, 8, 32, {40}, 3, 3, true, 601);
 }
 
+// The blocked kernel's edges: several query tiles (128 / g tokens) and key tiles (64 tokens),
+// diagonal tiles that only some rows see, rows padded to the vector width (g = 3), head_dim 8
+// (narrow vectors) and 96 (PV in pairs of vectors), cached tiles packed across pages and cut
+// from inside large pages.
+TEST(PrefillAttention, BlockedKernelTileEdges) {
+  CheckPrefill({DType::kF16, 128, 4, 2, 16, 37, 200, 2}, 700);
+  CheckPrefill({DType::kBF16, 64, 1, 2, 64, 0, 129, 3}, 701);
+  CheckPrefill({DType::kF32, 8, 3, 2, 16, 5, 65, 1}, 702);
+  CheckPrefill({DType::kF16, 256, 8, 1, 128, 300, 64, 2}, 703);
+  CheckPrefill({DType::kF16, 96, 2, 2, 1024, 1500, 33, 2}, 704);
+  CheckSparsePrefill(DType::kF16, 128, 4, 16, {30, 9}, 150, 2, true, 705);
+  // The last key tile ends one token past the first row of the last query tile.
+  CheckPrefill({DType::kF16, 64, 4, 1, 16, 3, 34, 1}, 706);
+  CheckPrefill({DType::kBF16, 64, 2, 1, 16, 0, 2, 1}, 707);
+}
+
 TEST(PrefillAttention, RejectsBadArguments) {
   RandomPagedKv kv(DType::kF16, 64, 16, {20, 20}, 1);
   const std::vector<float> q = RandomFloats(2 * 4 * 64, 2);

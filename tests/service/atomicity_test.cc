@@ -62,10 +62,8 @@ headwise::v1::PolicySpec LayerOffload() {
 }
 
 // Seen on the daemon: RESOURCE_EXHAUSTED ("cannot stage") yet the layer grew by one, and the
-// append was logged, so a restart grew it too. The service half (one Engine::DecodeStep call, its
-// log entry removed when refused) is done; the live length also needs Engine::DecodeStep to be
-// all-or-nothing (engine v2, in progress): enable this test when it is.
-TEST_F(AtomicityTest, DISABLED_LayerOffloadDecodeStepRefusedForStagingChangesNothing) {
+// append was logged, so a restart grew it too.
+TEST_F(AtomicityTest, LayerOffloadDecodeStepRefusedForStagingChangesNothing) {
   // A page of TestLayout() is 16 tokens * 2 (K, V) * 16 dims * 4 bytes = 2 KiB: the device tier
   // holds two, a layer of 48 tokens over 2 KV heads needs six.
   config_.set_device_budget_bytes(4096);
