@@ -415,6 +415,7 @@ EngineStats Engine::GetStats() const {
     out.bytes_host_to_disk += c.bytes(CopyDirection::kHostToDisk);
     out.bytes_disk_to_host += c.bytes(CopyDirection::kDiskToHost);
     out.stall_ns += c.stall_ns;
+    for (int p = 0; p < kNumCopyPriorities; ++p) out.bytes_by_purpose[p] += c.bytes_by_priority[p];
     out.overlapped_ns += c.overlapped_ns;
   }
   return out;

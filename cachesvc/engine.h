@@ -119,6 +119,9 @@ struct EngineStats {
   uint64_t bytes_device_to_host = 0;
   uint64_t bytes_host_to_disk = 0;
   uint64_t bytes_disk_to_host = 0;
+  // All of those bytes by purpose, indexed by CopyPriority (demand fetch, prefetch, write-back,
+  // demotion).
+  std::array<uint64_t, kNumCopyPriorities> bytes_by_purpose{};
   // Copy time waited for (stall) vs. hidden behind other work (overlapped), nanoseconds.
   uint64_t stall_ns = 0;
   uint64_t overlapped_ns = 0;
@@ -155,6 +158,28 @@ struct SequenceStats {
   int64_t evicted_tokens = 0;
   // Decode steps (tokens) completed by every layer; a prefill of T tokens counts T.
   int64_t step = 0;
+};
+
+// What one decode step of one layer would do, computed without doing it (Engine::PlanDecodeStep):
+// the pages the append takes, what the stack's actions drop, the pages the kernel reads and the
+// bytes the step moves by purpose. Replay and schedulers cost steps with it.
+struct StepPlan {
+  // Pages the append takes in the sequence's home tier (fresh pages and copy-on-write copies),
+  // and of those the copies.
+  int64_t pages_allocated = 0;
+  int64_t cow_copies = 0;
+  // What the actions drop. Policies that decide after the attention (scores, e.g. H2O) are not
+  // known in advance: then drops_known is false and the counts are 0.
+  bool drops_known = true;
+  int64_t pages_dropped = 0;
+  int64_t tokens_dropped = 0;
+  // Pages the kernel reads, and the kernel's KV bytes.
+  int64_t pages_attended = 0;
+  // Bytes the step moves, by purpose (CopyPriority): demand fetch (pages staged for this layer
+  // that are not already on the device; disk pages read back), prefetch (layers or heads staged
+  // ahead), write-back (host pages spilled to disk to make room; an estimate: the shortfall of
+  // free host slots, while the engine spills in extents), demotion (none yet).
+  std::array<uint64_t, kNumCopyPriorities> bytes{};
 };
 
 // How much GetSequenceStats computes. kUsage is O(layers): every figure is maintained
@@ -246,6 +271,10 @@ class Engine {
   // Frees the sequence; its handle is NOT_FOUND afterwards.
   absl::Status Release(const SequenceId& seq);
 
+  // The plan of a DecodeStep of `layer` at the sequence's current state, with no side effect.
+  // Errors as DecodeStep's validation (layer range, the append rule).
+  absl::StatusOr<StepPlan> PlanDecodeStep(const SequenceId& seq, LayerId layer);
+
   // The positions (layer, kv_head) holds, in the order the kernel reads them (increasing).
   // O(tokens held). INVALID_ARGUMENT for a layer or head outside the layout.
   absl::StatusOr<std::vector<int64_t>> HeldPositions(const SequenceId& seq, LayerId layer,
@@ -321,7 +350,7 @@ class Engine {
   // equal) and copying the rest. PrefetchLayers: stages the layers the Prefetcher names after
   // `layer`, best effort. SettleLayer: waits for `layer`'s kept copies (before its pages are
   // written). DropLayerStages: releases every kept staging.
-  absl::Status Restage(Sequence& s, int layer, Staging& kept, Staging& out);
+  absl::Status Restage(Sequence& s, int layer, Staging& kept, const PageLists* lists, Staging& out);
   void PrefetchLayers(Sequence& s, int layer);
   void SettleLayer(Sequence& s, int layer);
   void DropLayerStages(Sequence& s);
@@ -348,6 +377,15 @@ class Engine {
   void MergePartialPages(Sequence& s, HeadTable& t);
   // Test hook (EngineOptions::fault_hook): the injected failure at `point`, or OK.
   absl::Status Fault(std::string_view point) const;
+  // PlanDecodeStep's parts (REQUIRES: s.mu held): the append and the actions on a copy of the
+  // layer's page metadata, then the staging.
+  absl::Status PlanAppendAndActions(Sequence& s, int layer, StepPlan& plan,
+                                    std::vector<std::vector<PageMeta>>& after,
+                                    std::vector<std::vector<bool>>& written,
+                                    std::vector<std::vector<int32_t>>& origin);
+  void PlanStaging(Sequence& s, int layer, const std::vector<std::vector<PageMeta>>& after,
+                   const std::vector<std::vector<bool>>& written,
+                   const std::vector<std::vector<int32_t>>& origin, StepPlan& plan);
   // Decode attention of `layer` (REQUIRES: s.mu held): over every page, or, with `pending`
   // (the actions about to be applied), every page they keep. Feeds statistics to the stack when
   // it wants them.

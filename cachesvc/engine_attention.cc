@@ -96,9 +96,9 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
   const PageLists* lists = AttendedPages(s, layer, pending, storage);
   if (s.placement.mode != PlacementMode::kHeadOffload) {
     Staging staged;
-    const bool kept = lists == nullptr && static_cast<size_t>(layer) < s.layer_stage.size() &&
-                      s.layer_stage[layer].active;
-    RETURN_IF_ERROR(kept ? Restage(s, layer, s.layer_stage[layer], staged)
+    const bool kept =
+        static_cast<size_t>(layer) < s.layer_stage.size() && s.layer_stage[layer].active;
+    RETURN_IF_ERROR(kept ? Restage(s, layer, s.layer_stage[layer], lists, staged)
                          : Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, staged, lists));
     absl::Status st = WaitStaged(staged);
     if (st.ok()) {

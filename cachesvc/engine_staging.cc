@@ -6,6 +6,7 @@
 #include <limits>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "cachesvc/base/status_macros.h"
 #include "cachesvc/engine.h"
@@ -158,12 +159,16 @@ void Engine::Unstage(Staging& staging) {
   staging.active = false;
 }
 
-absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept,
+absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLists* lists,
                              Staging& out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
   if (!WaitStaged(kept).ok()) {
     Unstage(kept);
-    return Stage(s, layer, 0, s.layout().num_kv_heads, CopyPriority::kDemandFetch, 0, out);
+    return Stage(s, layer, 0, s.layout().num_kv_heads, CopyPriority::kDemandFetch, 0, out, lists);
   }
+  // Kept copies by source page: a page keeps its copy wherever drops moved it in the list.
+  absl::flat_hash_map<const PhysPage*, size_t> copies;
+  copies.reserve(kept.sources.size());
+  for (size_t i = 0; i < kept.sources.size(); ++i) copies.emplace(kept.sources[i], i);
   const int H = s.layout().num_kv_heads;
   const int P = s.layout().page_tokens;
   const PoolSet& pools = s.pools();
@@ -183,15 +188,15 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept,
   bool sparse = false;
   for (int h = 0; h < H; ++h) {
     HeadTable& t = s.table(layer, h);
-    const int32_t kept_begin = kept.indptr[h], kept_n = kept.indptr[h + 1] - kept.indptr[h];
-    for (size_t i = 0; i < t.phys.size(); ++i) {
+    const size_t n = lists == nullptr ? t.phys.size() : (*lists)[h].size();
+    for (size_t j = 0; j < n; ++j) {
+      const size_t i = lists == nullptr ? j : static_cast<size_t>((*lists)[h][j]);
       RETURN_IF_ERROR(EnsureInMemory(s, t, i, static_cast<size_t>(layer) * H,
                                      static_cast<size_t>(layer + 1) * H));
       PhysPage* p = t.phys[i];
-      const size_t k = kept_begin + i;
-      if (static_cast<int32_t>(i) < kept_n && kept.sources[k] == p &&
-          kept.versions[k] == p->version) {
-        out.indices.push_back(kept.indices[k]);
+      auto it = copies.find(p);
+      if (it != copies.end() && kept.versions[it->second] == p->version) {
+        out.indices.push_back(kept.indices[it->second]);
       } else {
         missing.push_back(Missing{p, out.indices.size()});
         out.indices.push_back(-1);
@@ -200,11 +205,11 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept,
       out.versions.push_back(p->version);
       const int32_t count = t.meta[i].token_count;
       out.page_len.push_back(count);
-      sparse = sparse || (count != P && i + 1 != t.phys.size());
+      sparse = sparse || (count != P && j + 1 != n);
       t.meta[i].last_touched_step = s.step;
     }
     out.indptr.push_back(static_cast<int32_t>(out.indices.size()));
-    out.last_page_len.push_back(t.phys.empty() ? 0 : out.page_len.back());
+    out.last_page_len.push_back(n == 0 ? 0 : out.page_len.back());
   }
   if (!sparse) out.page_len.clear();
   kept = Staging();

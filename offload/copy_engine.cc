@@ -254,6 +254,8 @@ void CopyEngine::WorkerLoop() {
           stats_.pages_moved += request.num_pages;
           stats_.bytes_moved[static_cast<int>(request.direction)] +=
               uint64_t{request.num_pages} * page_bytes_;
+          stats_.bytes_by_priority[static_cast<int>(request.priority)] +=
+              uint64_t{request.num_pages} * page_bytes_;
         } else {
           ++stats_.failed_moves;
         }

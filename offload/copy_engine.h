@@ -122,6 +122,11 @@ struct CopyEngineStats {
   // Bytes moved successfully, indexed by CopyDirection.
   std::array<uint64_t, kNumCopyDirections> bytes_moved{};
   uint64_t bytes(CopyDirection direction) const { return bytes_moved[static_cast<int>(direction)]; }
+  // The same bytes by purpose (the priority each move was submitted with).
+  std::array<uint64_t, kNumCopyPriorities> bytes_by_priority{};
+  uint64_t bytes(CopyPriority priority) const {
+    return bytes_by_priority[static_cast<int>(priority)];
+  }
   // Moves (requests) that finished OK, failed, or were cancelled.
   uint64_t moves = 0;
   uint64_t failed_moves = 0;

@@ -2,6 +2,7 @@
 // compacted), attention statistics fed back to the stack, atomic DecodeStep and Append under
 // refusals and injected faults, and batched decode.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <functional>
 #include <map>
@@ -423,6 +424,55 @@ TEST_F(EngineV2Test, LayerOffloadStagesTheNextLayerAheadAndStaysExact) {
   const uint64_t moved = engine_->GetStats().bytes_host_to_device - before;
   EXPECT_LE(moved, static_cast<uint64_t>(allowance));
   EXPECT_EQ(engine_->GetStats().device.used_bytes, 0u);
+}
+
+// The plan of each decode step, summed over a run, equals what the copy engine then moved, by
+// purpose, in every placement; position-only drops are known in advance and match.
+TEST_F(EngineV2Test, PlannedBytesEqualMovedBytes) {
+  layout_.num_layers = 3;
+  for (auto mode : {headwise::v1::Placement::DEVICE_ONLY, headwise::v1::Placement::LAYER_OFFLOAD,
+                    headwise::v1::Placement::HEAD_OFFLOAD}) {
+    Make();
+    headwise::v1::PolicySpec spec;
+    spec.mutable_placement()->set_mode(mode);
+    spec.mutable_eviction()->mutable_streaming_llm()->set_sink_tokens(4);
+    spec.mutable_eviction()->mutable_streaming_llm()->set_recent_tokens(8);
+    const SequenceId seq = Create(spec);
+    KvHistory history(layout_);
+    AppendAll(seq, history, 13, 6);
+    const std::array<uint64_t, kNumCopyPriorities> before = engine_->GetStats().bytes_by_purpose;
+    std::array<uint64_t, kNumCopyPriorities> planned{};
+    int64_t planned_drops = 0;
+    const int64_t evicted_before = engine_->GetStats().evicted_pages;
+    const int n = layout_.num_q_heads * layout_.head_dim;
+    for (int step = 0; step < 9; ++step) {
+      for (int l = 0; l < layout_.num_layers; ++l) {
+        absl::StatusOr<StepPlan> plan = engine_->PlanDecodeStep(seq, LayerId(l));
+        ASSERT_TRUE(plan.ok()) << plan.status();
+        EXPECT_TRUE(plan->drops_known);
+        for (int p = 0; p < kNumCopyPriorities; ++p) planned[p] += plan->bytes[p];
+        planned_drops += plan->pages_dropped;
+        const KvChunk c = history.MakeChunk(1, 800 + step * 5 + l);
+        const std::vector<float> q = RandomFloats(n, 900 + step * 5 + l);
+        std::vector<float> o(n), lse(layout_.num_q_heads);
+        ASSERT_TRUE(engine_
+                        ->DecodeStep(seq, LayerId(l), q, c.k, c.v, layout_.dtype, absl::MakeSpan(o),
+                                     absl::MakeSpan(lse))
+                        .ok());
+        history.Record(l, c);
+      }
+    }
+    ASSERT_TRUE(engine_->Release(seq).ok());  // Waits for the copies in flight.
+    const std::array<uint64_t, kNumCopyPriorities> after = engine_->GetStats().bytes_by_purpose;
+    for (int p = 0; p < kNumCopyPriorities; ++p) {
+      EXPECT_EQ(after[p] - before[p], planned[p]) << "mode " << mode << " purpose " << p;
+    }
+    EXPECT_EQ(engine_->GetStats().evicted_pages - evicted_before, planned_drops);
+    EXPECT_GT(planned_drops, 0);
+    if (mode != headwise::v1::Placement::DEVICE_ONLY) {
+      EXPECT_GT(planned[static_cast<int>(CopyPriority::kPrefetch)], 0u) << mode;
+    }
+  }
 }
 
 }  // namespace
