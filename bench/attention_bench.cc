@@ -246,15 +246,16 @@ BENCHMARK(BM_DecodeAttention)
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.3);
 
-// Causal prefill of T new tokens over an empty cache, one Llama-3-8B layer (32 query / 8 KV
-// heads, head_dim 128, f16 K/V), as in issue 16. kernel 0: PrefillAttention (the blocked
-// kernel); kernel 1: the previous row-blocked kernel (cpu::PrefillRowwise), in the same run.
-// GFLOPs counts the issue's useful FLOPs, 2 * T^2 * head_dim * Hq; peak_ratio divides by the
-// measured multiply-add peak (2 FLOPs each) times threads.
+// Causal prefill of T new tokens over `cached` tokens per head (0: an empty cache), one Llama-3-8B
+// layer (32 query / 8 KV heads, head_dim 128, f16 K/V), as in issue 16. kernel 0: PrefillAttention
+// (the blocked kernel); kernel 1: the previous row-blocked kernel (cpu::PrefillRowwise), in the
+// same run. GFLOPs counts the issue's useful FLOPs, 2 * T^2 * head_dim * Hq; peak_ratio divides by
+// the measured multiply-add peak (2 FLOPs each) times threads.
 void BM_Prefill(benchmark::State& state) {
   const bool rowwise = state.range(0) == 1;
   const int t_new = static_cast<int>(state.range(1));
   const int threads = static_cast<int>(state.range(2));
+  const int64_t cached = state.range(3);
   constexpr int kKvHeads = 8, kQHeads = 32;
   const DType dtype = DType::kF16;
   std::mt19937 rng(9);
@@ -270,12 +271,16 @@ void BM_Prefill(benchmark::State& state) {
   std::vector<float> o(q.size());
   const std::vector<int32_t> indptr(kKvHeads + 1, 0), last(kKvHeads, 1);
   kernels::PagedKvView kv;
-  kv.indptr = indptr.data();
-  kv.last_page_len = last.data();
-  kv.num_kv_heads = kKvHeads;
-  kv.page_tokens = kPageTokens;
-  kv.head_dim = kHeadDim;
-  kv.dtype = dtype;
+  if (cached > 0) {
+    kv = CacheFor(dtype, kKvHeads, cached).view();
+  } else {
+    kv.indptr = indptr.data();
+    kv.last_page_len = last.data();
+    kv.num_kv_heads = kKvHeads;
+    kv.page_tokens = kPageTokens;
+    kv.head_dim = kHeadDim;
+    kv.dtype = dtype;
+  }
   kernels::PrefillArgs args;
   args.num_tokens = t_new;
   args.q = q.data();
@@ -293,7 +298,8 @@ void BM_Prefill(benchmark::State& state) {
     }
     benchmark::DoNotOptimize(o.data());
   }
-  const double flops = 2.0 * t_new * t_new * kHeadDim * kQHeads;
+  // Causal chunk plus the cached tokens every new token sees (QK and PV).
+  const double flops = (2.0 * t_new * t_new + 4.0 * t_new * cached) * kHeadDim * kQHeads;
   static const double peak_madds = PeakMultiplyAddsPerSecond();
   state.counters["GFLOPs"] =
       benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
@@ -301,8 +307,11 @@ void BM_Prefill(benchmark::State& state) {
 }
 
 BENCHMARK(BM_Prefill)
-    ->ArgNames({"rowwise", "T", "threads"})
-    ->ArgsProduct({{0, 1}, {1024, 2048}, {1, 2}})
+    ->ArgNames({"rowwise", "T", "threads", "cached"})
+    ->ArgsProduct({{0, 1}, {1024, 2048}, {1, 2}, {0}})
+    ->ArgsProduct({{0}, {4096}, {1, 2}, {0}})  // The previous kernel takes seconds here.
+    // Short chunks over a long cache (chunked prefill, speculative verification).
+    ->ArgsProduct({{0, 1}, {1, 4, 16, 64}, {2}, {8192}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.5);

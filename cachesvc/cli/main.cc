@@ -1,10 +1,11 @@
-// `headwise`: the command-line tool. Subcommands: plan, status, list, stats.
+// `headwise`: the command-line tool. Subcommands: plan, status, list, stats, replay-requests.
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "cachesvc/cli/daemon_commands.h"
 #include "cachesvc/cli/plan_command.h"
+#include "cachesvc/cli/replay_requests_command.h"
 
 namespace {
 
@@ -17,6 +18,8 @@ constexpr char kUsage[] =
     "  status  health of a running headwised and a summary of its tiers\n"
     "  list    the sequences of your tenant in a running headwised\n"
     "  stats   every statistic of a running headwised\n"
+    "  replay-requests  prefix-cache hit ratios of eviction policies on a request trace\n"
+    "          (Mooncake, Azure) by capacity, with bytes moved and a modelled TTFT saving\n"
     "\n"
     "`headwise <command> --help` describes a command's flags.\n";
 
@@ -38,6 +41,9 @@ int main(int argc, char** argv) {
   if (command == "status") return headwise::RunStatusCommand(rest, std::cout, std::cerr);
   if (command == "list") return headwise::RunListCommand(rest, std::cout, std::cerr);
   if (command == "stats") return headwise::RunStatsCommand(rest, std::cout, std::cerr);
+  if (command == "replay-requests") {
+    return headwise::RunReplayRequestsCommand(rest, std::cout, std::cerr);
+  }
   std::cerr << "headwise: unknown command '" << command << "'\n\n" << kUsage;
   return headwise::kExitUsage;
 }

@@ -21,10 +21,10 @@
 //             adapted by ghost hits (a real number, as in the paper).
 //   "belady"  the offline optimum (Belady's MIN): it is given the whole reference string up front
 //             and evicts the resident block whose next use is farthest (never used again first;
-//             ties: the larger id). A new block whose next use is farther than every resident's is
-//             not admitted (the same miss count as admitting and evicting it next). For the count
-//             of misses on a reference string no policy does better, which makes it the ceiling
-//             of the hit ratio for every online policy at the same capacity.
+//             ties: the larger id). A new block whose next use is no nearer than every resident's
+//             is not admitted (the same miss count as admitting and evicting it next). For the
+//             count of misses on a reference string no policy does better, which makes it the
+//             ceiling of the hit ratio for every online policy at the same capacity.
 #ifndef HEADWISE_CACHESVC_REPLAY_BLOCK_CACHE_H_
 #define HEADWISE_CACHESVC_REPLAY_BLOCK_CACHE_H_
 

@@ -296,9 +296,11 @@ int GatherCached(DF df, const PagedKvView& kv, int head, int32_t* j, int* t, til
 }
 
 // The rows of one work item: row r is token q0 + r / g of the chunk, query head
-// head * g + r % g; `ldr` pads the rows to whole row chunks (kVecs vectors).
+// head * g + r % g. `padded` rounds the rows up to whole row chunks (kVecs vectors); `ldr`,
+// the stride of the transposed arrays, adds one vector so that it is not a multiple of 512
+// bytes: Q^T's rows would otherwise fall into a few L1 sets and evict each other.
 struct Rows {
-  int d, g, rows, chunk, ldr;
+  int d, g, rows, chunk, padded, ldr;
   int64_t OutRow(const PrefillArgs& args, const tiled::WorkItem& item, int r) const {
     return int64_t{item.q0 + r / g} * args.num_q_heads + item.head * g + r % g;
   }
@@ -313,7 +315,8 @@ Rows StartWorkItem(DF df, const PagedKvView& kv, const PrefillArgs& args, float 
   lay.g = args.num_q_heads / kv.num_kv_heads;
   lay.rows = item.q_tokens * lay.g;
   lay.chunk = kVecs * static_cast<int>(hn::Lanes(df));
-  lay.ldr = (lay.rows + lay.chunk - 1) / lay.chunk * lay.chunk;
+  lay.padded = (lay.rows + lay.chunk - 1) / lay.chunk * lay.chunk;
+  lay.ldr = lay.padded + static_cast<int>(hn::Lanes(df));
   const int d = lay.d, ldr = lay.ldr;
   s.qt.assign(int64_t{d} * ldr, 0.0f);
   s.o.assign(int64_t{ldr} * d, 0.0f);
@@ -349,7 +352,7 @@ void FoldChunk(DF df, const PagedKvView& kv, const PrefillArgs& args, const tile
   const T* v_new = static_cast<const T*>(args.v_new);
   const int64_t stride = int64_t{kv.num_kv_heads} * d;
   const int q_last = item.q0 + item.q_tokens - 1;
-  std::vector<int> max_vis(lay.ldr / lay.chunk);
+  std::vector<int> max_vis(lay.padded / lay.chunk);
   for (int kt0 = 0; kt0 <= q_last; kt0 += kKeyTile) {
     const int nt = std::min(kKeyTile, args.num_tokens - kt0);
     for (int i = 0; i < nt; ++i) {
@@ -368,7 +371,7 @@ void FoldChunk(DF df, const PagedKvView& kv, const PrefillArgs& args, const tile
     const bool masked = kt0 + nt - 1 > item.q0;
     if (masked) {
       std::fill(max_vis.begin(), max_vis.end(), 0);
-      for (int r = 0; r < lay.ldr; ++r) {
+      for (int r = 0; r < lay.padded; ++r) {
         // Padding rows (r >= rows) see the whole tile: harmless, they are never written out.
         const int vis = r < lay.rows ? item.q0 + r / lay.g - kt0 + 1 : nt;
         s.vis[r] = static_cast<float>(vis);

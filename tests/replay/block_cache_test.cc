@@ -12,7 +12,7 @@
 namespace headwise {
 namespace {
 
-constexpr BlockId A = 1, B = 2, C = 3, D = 4, E = 5;
+constexpr BlockId A = 1, B = 2, C = 3, D = 4, E = 5, F = 6, G = 7;
 
 struct Outcome {
   std::string hits;  // 'H' or 'M' per reference.
@@ -73,6 +73,22 @@ TEST(BlockCacheTest, S3FifoFiltersOneHitWonders) {
   EXPECT_EQ(Replay("lru", 2, trace).hits, "MHHMMMMHMMM");
 }
 
+TEST(BlockCacheTest, S3FifoFrequencyIsCappedAtThree) {
+  // cap 2 again. A A A B C puts A in main (freq 0), C in small, B in the ghost. Five hits take A
+  // to 3, not 5. Then each ghost hit (B, C, D, E) pushes a block into main, so the next miss
+  // evicts from main: A is reinserted with 2, 1, 0 and goes at the fourth pass (G). Uncapped, it
+  // would survive.
+  //   B: C evicted (ghost [C]), main [B A]      D: A 3->2, B evicted; small [D]
+  //   C: D evicted, main [C A]                  E: A 2->1, C evicted; small [E]
+  //   D: E evicted, main [D A]                  F: A 1->0, D evicted; small [F]
+  //   E: F evicted, main [E A]                  G: A (0) evicted; small [G]
+  //   A: a plain miss (main evictions leave no ghost): G evicted from small.
+  const Outcome run =
+      Replay("s3fifo", 2, {A, A, A, B, C, A, A, A, A, A, B, D, C, E, D, F, E, G, A});
+  EXPECT_EQ(run.hits, "MHHMMHHHHHMMMMMMMMM");
+  EXPECT_EQ(run.evicted, (std::vector<BlockId>{B, C, B, D, C, E, D, F, A, G}));
+}
+
 TEST(BlockCacheTest, ArcAdaptsBetweenRecencyAndFrequency) {
   // cap 2, p = 0:
   //  A        T1 [A]
@@ -115,6 +131,20 @@ TEST(BlockCacheTest, BeladyInsertReportsTheDecline) {
   EXPECT_FALSE((*cache)->Insert(E, &evicted));
   EXPECT_FALSE((*cache)->Lookup(E));
   EXPECT_TRUE(evicted.empty());
+}
+
+TEST(BlockCacheTest, BeladyStillWorksWhenCallsStrayFromItsFuture) {
+  // Planned for A B A, called with C first: C was never planned (next use: never), and the
+  // positions shift; the cache stays consistent and within capacity.
+  auto cache = MakeBlockCache("belady", 1, std::vector<BlockId>{A, B, A});
+  ASSERT_TRUE(cache.ok());
+  std::vector<BlockId> evicted;
+  EXPECT_FALSE((*cache)->Access(C, &evicted));
+  EXPECT_TRUE((*cache)->Lookup(C));  // Room for one: admitted.
+  EXPECT_FALSE((*cache)->Access(A, &evicted));
+  EXPECT_EQ((*cache)->size(), 1);
+  EXPECT_FALSE((*cache)->Access(B, &evicted));
+  EXPECT_LE((*cache)->size(), 1);
 }
 
 TEST(BlockCacheTest, UnknownNameAndBadCapacityAreRejected) {

@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <random>
 #include <string>
 #include <string_view>
 
@@ -96,6 +97,31 @@ TEST(RequestTraceTest, RejectsBadMooncakeLines) {
   limits.max_line_bytes = 40;
   ExpectError(Mooncake(good, limits), "line 1", "longer than 40 bytes");
   ExpectError(Mooncake("\n  \n"), "t.jsonl", "no requests");
+}
+
+TEST(RequestTraceTest, SurvivesDeepNestingAndMutatedInput) {
+  const std::string deep(200000, '[');
+  ExpectError(Mooncake(deep + std::string(200000, ']')), "line 1", "not a JSON object");
+  ExpectError(Mooncake(R"({"timestamp":0,"input_length":9,"output_length":1,"hash_ids":[)" + deep),
+              "line 1", "not valid JSON");
+  // Random truncations and byte flips of good text: each parse succeeds or fails with
+  // INVALID_ARGUMENT naming a line, never anything else.
+  const std::string good = std::string(kGoodLine) + "\n" + kGoodLine + "\n";
+  const std::string csv = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.97,48,1\n";
+  std::mt19937 rng(11);
+  for (int i = 0; i < 3000; ++i) {
+    const bool jsonl = i % 2 == 0;
+    std::string text = jsonl ? good : csv;
+    text.resize(rng() % (text.size() + 1));
+    for (int flips = rng() % 4; flips > 0 && !text.empty(); --flips) {
+      text[rng() % text.size()] = static_cast<char>(rng() % 256);
+    }
+    const auto trace = jsonl ? Mooncake(text) : Azure(text);
+    if (!trace.ok()) {
+      EXPECT_EQ(trace.status().code(), absl::StatusCode::kInvalidArgument) << trace.status();
+      EXPECT_TRUE(Has(trace.status().message(), jsonl ? "t.jsonl" : "t.csv"));
+    }
+  }
 }
 
 TEST(RequestTraceTest, ParsesAzure) {
