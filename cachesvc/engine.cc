@@ -142,7 +142,8 @@ absl::StatusOr<std::shared_ptr<Engine::Sequence>> Engine::Find(const SequenceId&
   return it->second;
 }
 
-absl::Status Engine::CheckLive(const Sequence& s) const ABSL_NO_THREAD_SAFETY_ANALYSIS {
+absl::Status Engine::CheckLive(const Sequence& s) const {
+  s.mu.AssertHeld();
   if (s.released) return absl::NotFoundError(absl::StrCat("sequence ", s.id.ToHex(), " released"));
   return absl::OkStatus();
 }
@@ -215,7 +216,8 @@ absl::Status Engine::Release(const SequenceId& id) {
 
 absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_bytes, int64_t v_bytes,
                                     int num_tokens,
-                                    DType dtype) const ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                    DType dtype) const {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   if (layer < 0 || layer >= layout.num_layers) {
     return absl::InvalidArgumentError(

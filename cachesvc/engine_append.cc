@@ -31,7 +31,8 @@ absl::Status Engine::Fault(std::string_view point) const {
 }
 
 absl::Status Engine::PlanAppend(Sequence& s, int layer, int num_tokens,
-                                AppendPlan& plan) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                AppendPlan& plan) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int P = layout.page_tokens;
   const int H = layout.num_kv_heads;
@@ -91,7 +92,8 @@ absl::Status Engine::PlanAppend(Sequence& s, int layer, int num_tokens,
 }
 
 void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k,
-                         const std::byte* v) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                         const std::byte* v) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int P = layout.page_tokens;
   const int H = layout.num_kv_heads;
@@ -144,7 +146,8 @@ void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k,
 
 // The scorer's scores of the `n` tokens just appended to head `h` (the last n held rows).
 void Engine::ScoreAppendedKeys(Sequence& s, HeadTable& t, int h, int n,
-                               const std::byte* k) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                               const std::byte* k) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int D = layout.head_dim;
   const int P = layout.page_tokens;
@@ -167,7 +170,8 @@ void Engine::ScoreAppendedKeys(Sequence& s, HeadTable& t, int h, int n,
   }
 }
 
-void Engine::UndoAppend(Sequence& s, AppendPlan& plan) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+void Engine::UndoAppend(Sequence& s, AppendPlan& plan) {
+  s.mu.AssertHeld();
   if (!plan.applied) return;
   const int P = s.layout().page_tokens;
   const PoolSet& pools = s.pools();
@@ -201,7 +205,8 @@ void Engine::UndoAppend(Sequence& s, AppendPlan& plan) ABSL_NO_THREAD_SAFETY_ANA
   plan.applied = false;
 }
 
-void Engine::CommitAppend(Sequence& s, AppendPlan& plan) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+void Engine::CommitAppend(Sequence& s, AppendPlan& plan) {
+  s.mu.AssertHeld();
   for (AppendPlan::Head& hp : plan.heads) {
     if (hp.old_tail != nullptr) Unref(s.pools(), hp.old_tail);
     hp.old_tail = nullptr;
@@ -210,7 +215,8 @@ void Engine::CommitAppend(Sequence& s, AppendPlan& plan) ABSL_NO_THREAD_SAFETY_A
 }
 
 absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
-                                  int num_tokens) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                  int num_tokens) {
+  s.mu.AssertHeld();
   AppendPlan plan;
   RETURN_IF_ERROR(PlanAppend(s, layer, num_tokens, plan));
   ApplyAppend(s, plan, k, v);
@@ -225,7 +231,8 @@ absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, co
 }
 
 absl::Status Engine::DecideActions(Sequence& s, int layer,
-                                   std::vector<HeadActions>& out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                   std::vector<HeadActions>& out) {
+  s.mu.AssertHeld();
   out.assign(s.layout().num_kv_heads, HeadActions{});
   const PolicyStack& stack = *s.stack;
   if (!stack.may_drop()) return absl::OkStatus();
@@ -273,7 +280,8 @@ absl::Status Engine::DecideActions(Sequence& s, int layer,
 }
 
 void Engine::ApplyActions(Sequence& s, int layer,
-                          const std::vector<HeadActions>& actions) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                          const std::vector<HeadActions>& actions) {
+  s.mu.AssertHeld();
   const int P = s.layout().page_tokens;
   for (int h = 0; h < s.layout().num_kv_heads; ++h) {
     const HeadActions& a = actions[h];
@@ -318,7 +326,8 @@ void Engine::ApplyActions(Sequence& s, int layer,
 // rows 0 .. token_count - 1; the page then lists its positions. A page that is shared (fork) or
 // not in memory keeps its tokens: the next decision will choose again.
 void Engine::DropTokens(Sequence& s, HeadTable& t,
-                        const std::vector<TokenRef>& drops) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                        const std::vector<TokenRef>& drops) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int P = layout.page_tokens;
   const int64_t row_bytes = int64_t{layout.head_dim} * DTypeSize(layout.dtype);
@@ -364,7 +373,8 @@ void Engine::DropTokens(Sequence& s, HeadTable& t,
 
 // Compaction: folds a partial page into the page before it when both fit one page, are private
 // and live in the same memory tier. Positions stay increasing (the later page's tokens follow).
-void Engine::MergePartialPages(Sequence& s, HeadTable& t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+void Engine::MergePartialPages(Sequence& s, HeadTable& t) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int P = layout.page_tokens;
   const int64_t row_bytes = int64_t{layout.head_dim} * DTypeSize(layout.dtype);

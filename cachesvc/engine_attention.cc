@@ -43,7 +43,8 @@ kernels::PagedKvView ViewOf(const PagePool& device, const ModelLayout& layout,
 // about to drop. Null (every page) when nothing is pending.
 const Engine::PageLists* Engine::AttendedPages(Sequence& s, int layer,
                                                const std::vector<HeadActions>* pending,
-                                               PageLists& storage) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                               PageLists& storage) {
+  s.mu.AssertHeld();
   if (pending == nullptr) return nullptr;
   bool any = false;
   for (const HeadActions& a : *pending) any = any || !a.drop_pages.empty();
@@ -69,7 +70,8 @@ const Engine::PageLists* Engine::AttendedPages(Sequence& s, int layer,
 // scores (TokenScorer::Accumulate) and per-page mass into PageMeta::attention_mass. `staged`
 // covers heads [h_begin, h_end) of `layer` through `lists` (null: every page).
 void Engine::FeedStats(Sequence& s, int layer, const Staging& staged, const PageLists* lists,
-                       size_t page_begin) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                       size_t page_begin) {
+  s.mu.AssertHeld();
   const TokenScorer* scorer = s.stack->scorer();
   const int P = s.layout().page_tokens;
   for (int h = staged.h_begin; h < staged.h_end; ++h) {
@@ -88,8 +90,8 @@ void Engine::FeedStats(Sequence& s, int layer, const Staging& staged, const Page
 }
 
 absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float* o, float* lse,
-                                  const std::vector<HeadActions>* pending)
-    ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                  const std::vector<HeadActions>* pending) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
   PageLists storage;
@@ -114,7 +116,8 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
 }
 
 absl::Status Engine::RunDecode(Sequence& s, const Staging& staged, const float* q, int num_q_heads,
-                               float* o, float* lse, int num_heads) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                               float* o, float* lse, int num_heads) {
+  s.mu.AssertHeld();
   kernels::DecodeArgs args;
   args.q = q;
   args.num_q_heads = num_q_heads;
@@ -140,7 +143,8 @@ absl::Status Engine::RunDecode(Sequence& s, const Staging& staged, const float* 
 // capacity / (1 + ahead) slots, one of the consecutive page ranges it is cut into; the parts
 // of such a head are merged exactly (MergeAttentionStates).
 absl::Status Engine::AttendHeadwise(Sequence& s, int layer, const float* q, float* o, float* lse,
-                                    const PageLists* lists) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                    const PageLists* lists) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
   const int g = layout.group_size();
@@ -246,7 +250,8 @@ absl::Status Engine::Attend(const SequenceId& seq, LayerId layer, absl::Span<con
 
 absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const std::byte* k,
                                    const std::byte* v, int num_tokens, float* o,
-                                   float* lse) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                   float* lse) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
   const int Hq = layout.num_q_heads;
@@ -354,7 +359,8 @@ absl::Status Engine::Prefill(const SequenceId& seq, LayerId layer, absl::Span<co
 absl::Status Engine::DecodeStepLocked(Sequence& s, int layer, absl::Span<const float> q,
                                       absl::Span<const std::byte> k, absl::Span<const std::byte> v,
                                       DType dtype, absl::Span<float> o, absl::Span<float> lse,
-                                      int64_t* layer_length) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                      int64_t* layer_length) {
+  s.mu.AssertHeld();
   RETURN_IF_ERROR(CheckLive(s));
   RETURN_IF_ERROR(ValidateAppend(s, layer, static_cast<int64_t>(k.size()),
                                  static_cast<int64_t>(v.size()), /*num_tokens=*/1, dtype));

@@ -39,7 +39,8 @@ absl::StatusOr<StepPlan> Engine::PlanDecodeStep(const SequenceId& seq, LayerId l
 absl::Status Engine::PlanAppendAndActions(
     Sequence& s, int layer, StepPlan& plan, std::vector<std::vector<PageMeta>>& after,
     std::vector<std::vector<bool>>& written,
-    std::vector<std::vector<int32_t>>& origin) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    std::vector<std::vector<int32_t>>& origin) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
   const int P = layout.page_tokens;
@@ -117,7 +118,8 @@ absl::Status Engine::PlanAppendAndActions(
 void Engine::PlanStaging(Sequence& s, int layer, const std::vector<std::vector<PageMeta>>& after,
                          const std::vector<std::vector<bool>>& written,
                          const std::vector<std::vector<int32_t>>& origin,
-                         StepPlan& plan) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                         StepPlan& plan) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
   const uint64_t pb = static_cast<uint64_t>(layout.page_bytes());
@@ -146,8 +148,13 @@ void Engine::PlanStaging(Sequence& s, int layer, const std::vector<std::vector<P
     return;
   }
   // layer_offload: the kept copies of unchanged pages are reused (Restage), the rest copied.
-  const bool kept = static_cast<size_t>(layer) < s.layer_stage.size() &&
-                    s.layer_stage[layer].active && s.layer_stage[layer].copy_state->status.ok();
+  bool kept = static_cast<size_t>(layer) < s.layer_stage.size() && s.layer_stage[layer].active;
+  if (kept) {
+    // A kept staging whose copy failed is staged again (Restage), all on demand.
+    Staging::CopyState& state = *s.layer_stage[layer].copy_state;
+    MutexLock lock(&state.mu);
+    kept = state.status.ok();
+  }
   absl::flat_hash_map<const PhysPage*, uint64_t> copies;  // Kept copy's source -> version.
   if (kept) {
     const Staging& k = s.layer_stage[layer];

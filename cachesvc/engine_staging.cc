@@ -24,7 +24,8 @@ namespace headwise {
 // a staged page other than a head's last is partial.
 absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
                            int protect_from_head, Staging& out, const PageLists* lists,
-                           size_t page_begin, size_t page_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                           size_t page_begin, size_t page_end) {
+  s.mu.AssertHeld();
   out = Staging();
   const PoolSet& pools = s.pools();
   DevicePool* device = pools.device.get();
@@ -160,7 +161,8 @@ void Engine::Unstage(Staging& staging) {
 }
 
 absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLists* lists,
-                             Staging& out) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                             Staging& out) {
+  s.mu.AssertHeld();
   if (!WaitStaged(kept).ok()) {
     Unstage(kept);
     return Stage(s, layer, 0, s.layout().num_kv_heads, CopyPriority::kDemandFetch, 0, out, lists);
@@ -249,7 +251,8 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLi
   return absl::OkStatus();
 }
 
-void Engine::PrefetchLayers(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+void Engine::PrefetchLayers(Sequence& s, int layer) {
+  s.mu.AssertHeld();
   if (s.placement.mode != PlacementMode::kLayerOffload) return;
   const int L = s.layout().num_layers;
   if (s.layer_stage.size() != static_cast<size_t>(L)) s.layer_stage.resize(L);
@@ -264,13 +267,15 @@ void Engine::PrefetchLayers(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY_ANALYS
   }
 }
 
-void Engine::SettleLayer(Sequence& s, int layer) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+void Engine::SettleLayer(Sequence& s, int layer) {
+  s.mu.AssertHeld();
   if (static_cast<size_t>(layer) >= s.layer_stage.size()) return;
   Staging& kept = s.layer_stage[layer];
   if (kept.active && !WaitStaged(kept).ok()) Unstage(kept);
 }
 
-void Engine::DropLayerStages(Sequence& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+void Engine::DropLayerStages(Sequence& s) {
+  s.mu.AssertHeld();
   for (Staging& kept : s.layer_stage) Unstage(kept);
 }
 

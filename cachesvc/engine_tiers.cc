@@ -58,7 +58,8 @@ void Engine::ReleaseArena(const PoolSet& pools, HeadTable& table) {
   table.has_arena = false;
 }
 
-void Engine::ReleaseAllPages(Sequence& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+void Engine::ReleaseAllPages(Sequence& s) {
+  s.mu.AssertHeld();
   DropLayerStages(s);
   const PoolSet& pools = s.pools();
   for (HeadTable& t : s.heads) {
@@ -74,7 +75,8 @@ void Engine::ReleaseAllPages(Sequence& s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
 // (never those of tables [protect_begin, protect_end)) and retries.
 absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier tier,
                                           size_t protect_begin,
-                                          size_t protect_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                          size_t protect_end) {
+  s.mu.AssertHeld();
   RETURN_IF_ERROR(Fault(tier == Tier::kDevice ? "alloc.device" : "alloc.host"));
   if (table.has_arena && table.arena_tier == tier && table.arena_next < table.arena.end_slot()) {
     return table.arena_next++;
@@ -120,7 +122,8 @@ absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier ti
 }
 
 absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_begin,
-                                  size_t protect_end) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                  size_t protect_end) {
+  s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const PoolSet& pools = s.pools();
   std::vector<SpillCandidate> candidates;
@@ -194,6 +197,7 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_beg
 // with another sequence is not moved: this table gets a private host copy instead.
 absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
                                     size_t protect_begin, size_t protect_end) {
+  s.mu.AssertHeld();
   PhysPage* page = table.phys[index];
   if (page->tier != Tier::kDisk) return absl::OkStatus();
   const PoolSet& pools = s.pools();
