@@ -185,8 +185,8 @@ TEST(RequestReplayTest, MooncakeConversationTrace) {
   EXPECT_EQ(rows["5%"]["lru"]->capacity_blocks, 9140);
   EXPECT_EQ(rows["10%"]["lru"]->capacity_blocks, 18279);
   EXPECT_EQ(rows["25%"]["lru"]->capacity_blocks, 45698);
-  // Independent implementations in Python (OrderedDict queues, a lazy heap for LFU) over the
-  // same reference string give these hit counts at 5%, 10%, 25%.
+  // Independent implementations in Python (tests/replay/reference_policies.py: OrderedDict
+  // queues, a lazy heap for LFU) over the same reference string give these hits at 5, 10, 25%.
   const std::map<std::string, std::vector<int64_t>> reference = {{"lru", {56382, 80323, 101978}},
                                                                  {"lfu", {36602, 56207, 97050}},
                                                                  {"s3fifo", {54122, 70849, 99821}},
