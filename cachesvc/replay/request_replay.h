@@ -72,7 +72,8 @@ struct RequestReplayOptions {
   int64_t token_kv_bytes = 131072;
   // Parameters of the model, for the prefill FLOPs. Default: Llama-3-8B's, 8.03e9.
   double model_params = 8.03e9;
-  // Device figures (flops_per_s, link_bytes_per_s are used). REQUIRES: ValidateDeviceProfile.
+  // Device figures (flops_per_s and link_bytes_per_s are used); must pass ValidateDeviceProfile.
+  // Default: empty, which fails (take one from DeviceProfileByName).
   DeviceProfile device;
 };
 

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cachesvc/service/durable_log.h"
 #include "tests/service/service_fixture.h"
 
 namespace headwise::testing {
@@ -172,6 +173,32 @@ TEST_F(BatchTest, StagedPayloadsRetriesAndDurableItems) {
   EXPECT_EQ(Lengths(b), (std::vector<int64_t>{10, 9}));
   Restart();
   EXPECT_EQ(Lengths(a), (std::vector<int64_t>{5, 4}));
+}
+
+// The durable items' log write fails: those items fail with it and change nothing (also after a
+// restart); the cache item of the same batch is applied.
+TEST_F(BatchTest, FailingLogWriteFailsOnlyTheDurableItems) {
+  StartServer();
+  RegisterLayout();
+  auto [durable, durable_twin] = Twins(3, 1, /*durable=*/true);
+  auto [cache, cache_twin] = Twins(3, 2);
+  DurableLog::SetWriteFaultForTesting([](std::string_view what) {
+    return what == "PutAppends" ? absl::DataLossError("injected") : absl::OkStatus();
+  });
+  headwise::v1::DecodeStepBatchRequest request;
+  request.set_layer(0);
+  *request.add_items() = Item(DecodeRequest(durable, 0, 1));
+  *request.add_items() = Item(DecodeRequest(cache, 0, 2));
+  headwise::v1::DecodeStepBatchResponse response;
+  grpc::Status status = Batch(request, &response);
+  DurableLog::SetWriteFaultForTesting(nullptr);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.results(0).code(), static_cast<int>(grpc::StatusCode::DATA_LOSS));
+  EXPECT_EQ(response.results(1).code(), 0) << response.results(1).message();
+  EXPECT_EQ(Lengths(durable), (std::vector<int64_t>{3, 3}));
+  EXPECT_EQ(Lengths(cache), (std::vector<int64_t>{4, 3}));
+  Restart();
+  EXPECT_EQ(Lengths(durable), (std::vector<int64_t>{3, 3}));
 }
 
 }  // namespace
