@@ -215,8 +215,7 @@ absl::Status Engine::Release(const SequenceId& id) {
 // Append.
 
 absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_bytes, int64_t v_bytes,
-                                    int num_tokens,
-                                    DType dtype) const {
+                                    int num_tokens, DType dtype) const {
   s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   if (layer < 0 || layer >= layout.num_layers) {

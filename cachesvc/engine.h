@@ -173,7 +173,8 @@ struct StepPlan {
   bool drops_known = true;
   int64_t pages_dropped = 0;
   int64_t tokens_dropped = 0;
-  // Pages the kernel reads, and the kernel's KV bytes.
+  // Pages the kernel reads. With a query-aware PageSelector the plan (which has no query)
+  // counts every page: an upper bound.
   int64_t pages_attended = 0;
   // Bytes the step moves, by purpose (CopyPriority): demand fetch (pages staged for this layer
   // that are not already on the device; disk pages read back), prefetch (layers or heads staged
@@ -393,6 +394,8 @@ class Engine {
                             const std::vector<HeadActions>* pending);
   const PageLists* AttendedPages(Sequence& s, int layer, const std::vector<HeadActions>* pending,
                                  PageLists& storage);
+  const PageLists* SelectPages(Sequence& s, int layer, const float* q, const PageLists* base,
+                               PageLists& out);
   void FeedStats(Sequence& s, int layer, const Staging& staged, const PageLists* lists,
                  size_t page_begin);
   absl::Status RunDecode(Sequence& s, const Staging& staged, const float* q, int num_q_heads,

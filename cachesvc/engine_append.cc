@@ -30,8 +30,7 @@ absl::Status Engine::Fault(std::string_view point) const {
   return options_.fault_hook ? options_.fault_hook(point) : absl::OkStatus();
 }
 
-absl::Status Engine::PlanAppend(Sequence& s, int layer, int num_tokens,
-                                AppendPlan& plan) {
+absl::Status Engine::PlanAppend(Sequence& s, int layer, int num_tokens, AppendPlan& plan) {
   s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int P = layout.page_tokens;
@@ -91,8 +90,7 @@ absl::Status Engine::PlanAppend(Sequence& s, int layer, int num_tokens,
   return st;
 }
 
-void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k,
-                         const std::byte* v) {
+void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k, const std::byte* v) {
   s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int P = layout.page_tokens;
@@ -145,8 +143,7 @@ void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k,
 }
 
 // The scorer's scores of the `n` tokens just appended to head `h` (the last n held rows).
-void Engine::ScoreAppendedKeys(Sequence& s, HeadTable& t, int h, int n,
-                               const std::byte* k) {
+void Engine::ScoreAppendedKeys(Sequence& s, HeadTable& t, int h, int n, const std::byte* k) {
   s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int D = layout.head_dim;
@@ -230,8 +227,7 @@ absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, co
   return absl::OkStatus();
 }
 
-absl::Status Engine::DecideActions(Sequence& s, int layer,
-                                   std::vector<HeadActions>& out) {
+absl::Status Engine::DecideActions(Sequence& s, int layer, std::vector<HeadActions>& out) {
   s.mu.AssertHeld();
   out.assign(s.layout().num_kv_heads, HeadActions{});
   const PolicyStack& stack = *s.stack;
@@ -279,8 +275,7 @@ absl::Status Engine::DecideActions(Sequence& s, int layer,
   return absl::OkStatus();
 }
 
-void Engine::ApplyActions(Sequence& s, int layer,
-                          const std::vector<HeadActions>& actions) {
+void Engine::ApplyActions(Sequence& s, int layer, const std::vector<HeadActions>& actions) {
   s.mu.AssertHeld();
   const int P = s.layout().page_tokens;
   for (int h = 0; h < s.layout().num_kv_heads; ++h) {
@@ -325,8 +320,7 @@ void Engine::ApplyActions(Sequence& s, int layer,
 // Removes single tokens from their pages, shifting the survivors down so a page's tokens stay
 // rows 0 .. token_count - 1; the page then lists its positions. A page that is shared (fork) or
 // not in memory keeps its tokens: the next decision will choose again.
-void Engine::DropTokens(Sequence& s, HeadTable& t,
-                        const std::vector<TokenRef>& drops) {
+void Engine::DropTokens(Sequence& s, HeadTable& t, const std::vector<TokenRef>& drops) {
   s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int P = layout.page_tokens;

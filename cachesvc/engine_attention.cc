@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <utility>
 
@@ -66,6 +67,44 @@ const Engine::PageLists* Engine::AttendedPages(Sequence& s, int layer,
   return &storage;
 }
 
+// The pages the PageSelector picks for this query, among `base` (null: every page): per head, the
+// selector's ordinals that are also in the base list, in order.
+const Engine::PageLists* Engine::SelectPages(Sequence& s, int layer, const float* q,
+                                             const PageLists* base, PageLists& out) {
+  s.mu.AssertHeld();
+  const ModelLayout& layout = s.layout();
+  const int g = layout.group_size();
+  const int D = layout.head_dim;
+  out.assign(layout.num_kv_heads, {});
+  std::vector<int32_t> picked;
+  for (int h = 0; h < layout.num_kv_heads; ++h) {
+    const HeadTable& t = s.table(layer, h);
+    HeadContext head;
+    head.layer = LayerId(layer);
+    head.kv_head = HeadId(h);
+    head.role = s.stack->roles().role(head.layer, head.kv_head);
+    head.page_tokens = layout.page_tokens;
+    head.seq_len = s.layer_len[layer];
+    head.step = s.step;
+    head.pages = t.meta;
+    head.token_scores = t.scores;
+    picked.clear();
+    s.stack->selector().Select(head, absl::MakeConstSpan(q + int64_t{h} * g * D, g * D), g,
+                               &picked);
+    std::sort(picked.begin(), picked.end());
+    picked.erase(std::unique(picked.begin(), picked.end()), picked.end());
+    if (base == nullptr) {
+      for (int32_t p : picked) {
+        if (p >= 0 && static_cast<size_t>(p) < t.meta.size()) out[h].push_back(p);
+      }
+    } else {
+      std::set_intersection(picked.begin(), picked.end(), (*base)[h].begin(), (*base)[h].end(),
+                            std::back_inserter(out[h]));
+    }
+  }
+  return &out;
+}
+
 // Feeds one kernel call's statistics to the stack: per-token probabilities into the token
 // scores (TokenScorer::Accumulate) and per-page mass into PageMeta::attention_mass. `staged`
 // covers heads [h_begin, h_end) of `layer` through `lists` (null: every page).
@@ -96,6 +135,8 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
   const int H = layout.num_kv_heads;
   PageLists storage;
   const PageLists* lists = AttendedPages(s, layer, pending, storage);
+  PageLists selected;
+  if (!s.stack->selector().selects_all()) lists = SelectPages(s, layer, q, lists, selected);
   if (s.placement.mode != PlacementMode::kHeadOffload) {
     Staging staged;
     const bool kept =
@@ -249,8 +290,7 @@ absl::Status Engine::Attend(const SequenceId& seq, LayerId layer, absl::Span<con
 }
 
 absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const std::byte* k,
-                                   const std::byte* v, int num_tokens, float* o,
-                                   float* lse) {
+                                   const std::byte* v, int num_tokens, float* o, float* lse) {
   s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;

@@ -36,10 +36,10 @@ absl::StatusOr<StepPlan> Engine::PlanDecodeStep(const SequenceId& seq, LayerId l
 // after[h][i]: page i of head h once the step's append and actions are applied; written[h][i]:
 // whether the step writes that page (its staged copies are then stale); origin[h][i]: the
 // ordinal of that page in the table now, or -1 for a page the step creates.
-absl::Status Engine::PlanAppendAndActions(
-    Sequence& s, int layer, StepPlan& plan, std::vector<std::vector<PageMeta>>& after,
-    std::vector<std::vector<bool>>& written,
-    std::vector<std::vector<int32_t>>& origin) {
+absl::Status Engine::PlanAppendAndActions(Sequence& s, int layer, StepPlan& plan,
+                                          std::vector<std::vector<PageMeta>>& after,
+                                          std::vector<std::vector<bool>>& written,
+                                          std::vector<std::vector<int32_t>>& origin) {
   s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
@@ -117,8 +117,7 @@ absl::Status Engine::PlanAppendAndActions(
 
 void Engine::PlanStaging(Sequence& s, int layer, const std::vector<std::vector<PageMeta>>& after,
                          const std::vector<std::vector<bool>>& written,
-                         const std::vector<std::vector<int32_t>>& origin,
-                         StepPlan& plan) {
+                         const std::vector<std::vector<int32_t>>& origin, StepPlan& plan) {
   s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;

@@ -74,8 +74,7 @@ void Engine::ReleaseAllPages(Sequence& s) {
 // run. When the host tier is full and a disk tier exists, spills the sequence's coldest pages
 // (never those of tables [protect_begin, protect_end)) and retries.
 absl::StatusOr<uint64_t> Engine::TakeSlot(Sequence& s, HeadTable& table, Tier tier,
-                                          size_t protect_begin,
-                                          size_t protect_end) {
+                                          size_t protect_begin, size_t protect_end) {
   s.mu.AssertHeld();
   RETURN_IF_ERROR(Fault(tier == Tier::kDevice ? "alloc.device" : "alloc.host"));
   if (table.has_arena && table.arena_tier == tier && table.arena_next < table.arena.end_slot()) {

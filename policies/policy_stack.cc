@@ -131,7 +131,9 @@ absl::StatusOr<std::unique_ptr<PolicyStack>> PolicyStack::Create(const PolicySpe
   if (stack->actions_->uses_scores()) {
     ASSIGN_OR_RETURN(stack->scorer_, r.Create<TokenScorer>("accumulated_attention", spec, env));
   }
-  ASSIGN_OR_RETURN(stack->selector_, r.Create<PageSelector>("all", spec, env));
+  const std::string selector =
+      spec.selection().selector().empty() ? "all" : spec.selection().selector();
+  ASSIGN_OR_RETURN(stack->selector_, r.Create<PageSelector>(selector, spec, env));
   ASSIGN_OR_RETURN(stack->prefetcher_, r.Create<Prefetcher>("next_units", spec, env));
   return stack;
 }

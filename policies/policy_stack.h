@@ -8,7 +8,7 @@
 //   budget       (uniform for now)       "uniform"
 //   scorer       what the action needs   "none" | "accumulated_attention" (eviction.h2o)
 //   action       eviction (resolved)     "none" | "streaming_llm" | "duo_attention" | "h2o"
-//   selector     (all for now)           "all"
+//   selector     selection.selector      "all" (default) | any registered name
 //   prefetcher   placement               "next_units"
 // Tests and later methods register more factories under new names.
 #ifndef HEADWISE_POLICIES_POLICY_STACK_H_

@@ -12,6 +12,7 @@
 
 #include "cachesvc/engine.h"
 #include "gtest/gtest.h"
+#include "policies/policy_stack.h"
 #include "tests/engine/engine_fixture.h"
 
 namespace headwise {
@@ -473,6 +474,57 @@ TEST_F(EngineV2Test, PlannedBytesEqualMovedBytes) {
       EXPECT_GT(planned[static_cast<int>(CopyPriority::kPrefetch)], 0u) << mode;
     }
   }
+}
+
+// A PageSelector registered by name: every query reads only the first and the last page of each
+// head. Attention equals the float64 reference over exactly those pages' tokens, in every
+// placement.
+class FirstAndLastPage final : public PageSelector {
+ public:
+  std::string_view name() const override { return "test_first_and_last"; }
+  std::unique_ptr<PageSelector> Clone() const override {
+    return std::make_unique<FirstAndLastPage>();
+  }
+  void Select(const HeadContext& head, absl::Span<const float>, int,
+              std::vector<int32_t>* pages) const override {
+    if (head.pages.empty()) return;
+    pages->push_back(static_cast<int32_t>(head.pages.size()) - 1);
+    pages->push_back(0);  // Unordered and possibly repeated: the engine sorts and dedups.
+    pages->push_back(0);
+  }
+};
+
+TEST_F(EngineV2Test, SelectedPagesAreExactlyWhatTheKernelReads) {
+  (void)PolicyRegistry::Global().Register<PageSelector>(
+      "test_first_and_last",
+      [](const headwise::v1::PolicySpec&,
+         const StackEnv&) -> absl::StatusOr<std::unique_ptr<PageSelector>> {
+        return std::make_unique<FirstAndLastPage>();
+      });
+  for (auto mode : {headwise::v1::Placement::DEVICE_ONLY, headwise::v1::Placement::LAYER_OFFLOAD,
+                    headwise::v1::Placement::HEAD_OFFLOAD}) {
+    Make();
+    headwise::v1::PolicySpec spec;
+    spec.mutable_placement()->set_mode(mode);
+    spec.mutable_selection()->set_selector("test_first_and_last");
+    const SequenceId seq = Create(spec);
+    KvHistory history(layout_);
+    AppendAll(seq, history, 14, 8);  // Pages [0,4) [4,8) [8,12) [12,14).
+    const int n = layout_.num_q_heads * layout_.head_dim;
+    for (int l = 0; l < layout_.num_layers; ++l) {
+      const std::vector<float> q = RandomFloats(n, 60 + l);
+      std::vector<float> o(n), lse(layout_.num_q_heads);
+      ASSERT_TRUE(engine_->Attend(seq, LayerId(l), q, absl::MakeSpan(o), absl::MakeSpan(lse)).ok());
+      std::vector<double> ro, rl;
+      history.Reference(l, q, &ro, &rl, [](int, int64_t p) { return p < 4 || p >= 12; });
+      EXPECT_LT(MaxRelError(o.data(), ro), kTol) << "mode " << mode << " layer " << l;
+      EXPECT_LT(MaxRelError(lse.data(), rl), kTol);
+    }
+  }
+  headwise::v1::PolicySpec unknown;
+  unknown.mutable_selection()->set_selector("no_such_selector");
+  Make();
+  EXPECT_EQ(engine_->CreateSequence("l", unknown).status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace
