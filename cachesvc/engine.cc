@@ -315,7 +315,9 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
     return absl::InvalidArgumentError(
         absl::StrCat("new_length ", new_length, " must be in [0, ", length, "]"));
   }
-  DropLayerStages(*s);
+  // Kept stagings stay valid (a page's first rows do not change when its count shrinks; pages
+  // that go are no longer listed); only their copies in flight are waited for first.
+  for (int l = 0; l < s->layout().num_layers; ++l) SettleLayer(*s, l);
   const int P = s->layout().page_tokens;
   for (HeadTable& t : s->heads) {
     // Positions increase along a head, so the tokens at or past new_length are a suffix.

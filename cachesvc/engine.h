@@ -333,6 +333,12 @@ class Engine {
   absl::Status SpillColdest(Sequence& s, int64_t count, size_t protect_begin, size_t protect_end);
   absl::Status EnsureInMemory(Sequence& s, HeadTable& table, size_t index, size_t protect_begin,
                               size_t protect_end);
+  struct PageRef {
+    HeadTable* table;
+    size_t index;
+  };
+  absl::Status FetchToHost(Sequence& s, absl::Span<const PageRef> pages, size_t protect_begin,
+                           size_t protect_end);
   static void FreeSlot(const PoolSet& pools, Tier tier, uint64_t slot);
 
   // Staging of heads [h_begin, h_end) of `layer` on the device, pages [page_begin, page_end) of

@@ -47,15 +47,25 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
   };
   int64_t total = 0;
   bool sparse = false;
+  if (copy) {
+    // Spilled pages come back from disk first, all reads in flight together.
+    std::vector<PageRef> on_disk;
+    for (int h = h_begin; h < h_end; ++h) {
+      HeadTable& t = s.table(layer, h);
+      const auto [first, end] = range(h, t);
+      for (size_t i = first; i < end; ++i) {
+        const size_t p = ordinal(h, i);
+        if (t.phys[p]->tier == Tier::kDisk) on_disk.push_back(PageRef{&t, p});
+      }
+    }
+    const size_t base = static_cast<size_t>(layer) * s.layout().num_kv_heads;
+    RETURN_IF_ERROR(FetchToHost(s, on_disk, base + protect_from_head, base + h_end));
+  }
   for (int h = h_begin; h < h_end; ++h) {
     HeadTable& t = s.table(layer, h);
     const auto [first, end] = range(h, t);
     for (size_t i = first; i < end; ++i) {
       const size_t p = ordinal(h, i);
-      if (copy) {
-        const size_t base = static_cast<size_t>(layer) * s.layout().num_kv_heads;
-        RETURN_IF_ERROR(EnsureInMemory(s, t, p, base + protect_from_head, base + h_end));
-      }
       const int32_t count = t.meta[p].token_count;
       out.page_len.push_back(count);
       sparse = sparse || (count != P && i + 1 != end);
@@ -174,6 +184,25 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLi
   const int H = s.layout().num_kv_heads;
   const int P = s.layout().page_tokens;
   const PoolSet& pools = s.pools();
+  {
+    // Spilled pages come back first, all reads in flight together; a failure leaves nothing
+    // staged.
+    std::vector<PageRef> on_disk;
+    for (int h = 0; h < H; ++h) {
+      HeadTable& t = s.table(layer, h);
+      const size_t n = lists == nullptr ? t.phys.size() : (*lists)[h].size();
+      for (size_t j = 0; j < n; ++j) {
+        const size_t i = lists == nullptr ? j : static_cast<size_t>((*lists)[h][j]);
+        if (t.phys[i]->tier == Tier::kDisk) on_disk.push_back(PageRef{&t, i});
+      }
+    }
+    if (absl::Status st = FetchToHost(s, on_disk, static_cast<size_t>(layer) * H,
+                                      static_cast<size_t>(layer + 1) * H);
+        !st.ok()) {
+      Unstage(kept);
+      return st;
+    }
+  }
   out = Staging();
   out.pools = &pools;
   out.h_begin = 0;
@@ -193,8 +222,6 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLi
     const size_t n = lists == nullptr ? t.phys.size() : (*lists)[h].size();
     for (size_t j = 0; j < n; ++j) {
       const size_t i = lists == nullptr ? j : static_cast<size_t>((*lists)[h][j]);
-      RETURN_IF_ERROR(EnsureInMemory(s, t, i, static_cast<size_t>(layer) * H,
-                                     static_cast<size_t>(layer + 1) * H));
       PhysPage* p = t.phys[i];
       auto it = copies.find(p);
       if (it != copies.end() && kept.versions[it->second] == p->version) {

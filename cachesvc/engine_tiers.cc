@@ -192,45 +192,81 @@ absl::Status Engine::SpillColdest(Sequence& s, int64_t count, size_t protect_beg
   return absl::OkStatus();
 }
 
-// Brings page `index` of `table` from disk back to the host tier (demand fetch). A page shared
-// with another sequence is not moved: this table gets a private host copy instead.
+// Brings page `index` of `table` from disk back to the host tier (demand fetch).
 absl::Status Engine::EnsureInMemory(Sequence& s, HeadTable& table, size_t index,
                                     size_t protect_begin, size_t protect_end) {
+  const PageRef one{&table, index};
+  return FetchToHost(s, absl::MakeConstSpan(&one, 1), protect_begin, protect_end);
+}
+
+// Brings every listed page that is on disk back to the host tier: all the reads are submitted
+// first and waited for together, so a layer's spilled pages cost one round of disk waits, not
+// one per page. A page shared with another sequence is not moved: this table gets a private
+// host copy instead. On an error the pages read so far are kept in memory (nothing is lost)
+// and the error is returned.
+absl::Status Engine::FetchToHost(Sequence& s, absl::Span<const PageRef> pages, size_t protect_begin,
+                                 size_t protect_end) {
   s.mu.AssertHeld();
-  PhysPage* page = table.phys[index];
-  if (page->tier != Tier::kDisk) return absl::OkStatus();
   const PoolSet& pools = s.pools();
-  ASSIGN_OR_RETURN(const uint64_t slot,
-                   TakeSlot(s, table, Tier::kHost, protect_begin, protect_end));
-  MoveRequest move;
-  move.direction = CopyDirection::kDiskToHost;
-  move.priority = CopyPriority::kDemandFetch;
-  move.dst_slot = slot;
-  move.disk_key = page->disk_key;
-  auto result = std::make_shared<absl::Status>();
-  move.done = [result](absl::Status st) { *result = std::move(st); };
-  absl::StatusOr<CopyTicket> ticket = pools.copier->Submit(std::move(move));
-  absl::Status st = ticket.ok() ? pools.copier->Wait(*ticket) : ticket.status();
-  if (st.ok()) st = *result;
-  if (!st.ok()) {
-    FreeSlot(pools, Tier::kHost, slot);
-    return st;
+  struct Pending {
+    PageRef ref;
+    uint64_t slot;
+    CopyTicket ticket;
+    std::shared_ptr<absl::Status> result;
+  };
+  std::vector<Pending> pending;
+  absl::Status st;
+  for (const PageRef& ref : pages) {
+    if (ref.table->phys[ref.index]->tier != Tier::kDisk) continue;
+    absl::StatusOr<uint64_t> slot =
+        TakeSlot(s, *ref.table, Tier::kHost, protect_begin, protect_end);
+    if (!slot.ok()) {
+      st = slot.status();
+      break;
+    }
+    MoveRequest move;
+    move.direction = CopyDirection::kDiskToHost;
+    move.priority = CopyPriority::kDemandFetch;
+    move.dst_slot = *slot;
+    move.disk_key = ref.table->phys[ref.index]->disk_key;
+    auto result = std::make_shared<absl::Status>();
+    move.done = [result](absl::Status done) { *result = std::move(done); };
+    st = Fault("disk.get");
+    absl::StatusOr<CopyTicket> ticket =
+        st.ok() ? pools.copier->Submit(std::move(move)) : absl::StatusOr<CopyTicket>(st);
+    if (!ticket.ok()) {
+      FreeSlot(pools, Tier::kHost, *slot);
+      st = ticket.status();
+      break;
+    }
+    pending.push_back(Pending{ref, *slot, *ticket, std::move(result)});
   }
-  fetched_pages_.fetch_add(1, std::memory_order_relaxed);
-  if (page->exclusive()) {
-    DeleteDiskPage(page->disk_key);
-    live_pages_[static_cast<int>(Tier::kDisk)].fetch_sub(1, std::memory_order_relaxed);
-    live_pages_[static_cast<int>(Tier::kHost)].fetch_add(1, std::memory_order_relaxed);
-    disk_bytes_.fetch_sub(pools.host->slot_bytes(), std::memory_order_relaxed);
-    page->tier = Tier::kHost;
-    page->slot = slot;
-  } else {
-    table.phys[index] = NewPage(Tier::kHost, slot);
-    Unref(pools, page);
+  for (Pending& p : pending) {
+    absl::Status done = pools.copier->Wait(p.ticket);
+    if (done.ok()) done = *p.result;
+    if (!done.ok()) {
+      FreeSlot(pools, Tier::kHost, p.slot);
+      if (st.ok()) st = done;
+      continue;
+    }
+    HeadTable& table = *p.ref.table;
+    PhysPage* page = table.phys[p.ref.index];
+    fetched_pages_.fetch_add(1, std::memory_order_relaxed);
+    if (page->exclusive()) {
+      DeleteDiskPage(page->disk_key);
+      live_pages_[static_cast<int>(Tier::kDisk)].fetch_sub(1, std::memory_order_relaxed);
+      live_pages_[static_cast<int>(Tier::kHost)].fetch_add(1, std::memory_order_relaxed);
+      disk_bytes_.fetch_sub(pools.host->slot_bytes(), std::memory_order_relaxed);
+      page->tier = Tier::kHost;
+      page->slot = p.slot;
+    } else {
+      table.phys[p.ref.index] = NewPage(Tier::kHost, p.slot);
+      Unref(pools, page);
+    }
+    s.Track(Tier::kDisk, -1);
+    s.Track(Tier::kHost, 1);
   }
-  s.Track(Tier::kDisk, -1);
-  s.Track(Tier::kHost, 1);
-  return absl::OkStatus();
+  return st;
 }
 
 }  // namespace headwise
