@@ -10,7 +10,8 @@
 //    by an untimed Truncate back to L. Per row: medians, (engine - kernel) / kernel, and
 //    "paired", the median over reps of (Attend - kernel) / kernel within a rep.
 // 2. layer_offload over several layers with a device budget of a few layers: a full decode step
-//    (DecodeStep on every layer, untimed Truncate after), the copy engine's stall vs overlapped
+//    (DecodeStep on every layer; the sequence grows a token a step unless --offload_truncate
+//    truncates it back, untimed, after each), the copy engine's stall vs overlapped
 //    time, bytes host->device, overlap share = overlapped / (stall + overlapped), and per layer
 //    its time and copy stall (when layer l+1's copy overlaps layer l, layers 1.. stop stalling).
 //    The same sequence placed device_only gives the step without copies: the difference is the
@@ -21,7 +22,8 @@
 //
 // Usage: engine_step_bench [--lengths 4096,65536,1048576] [--threads 1,2] [--min_reps N]
 //            [--max_reps N] [--target_s S] [--offload_layers N] [--offload_tokens N]
-//            [--offload_device_layers N] [--offload_steps N] [--copy_threads N] [--no_offload]
+//            [--offload_device_layers N] [--offload_steps N] [--offload_truncate]
+//            [--copy_threads N] [--no_offload]
 //            [--no_device_only]
 
 #include <sys/mman.h>
@@ -76,6 +78,7 @@ struct Flags {
   int64_t offload_tokens = 65536;
   int offload_device_layers = 2;
   int offload_steps = 7;
+  bool offload_truncate = false;  // Truncate back to the start length after every step.
   int copy_threads = 2;
   bool offload = true;
   bool device_only = true;
@@ -420,8 +423,10 @@ struct StepRun {
 };
 
 // Full decode steps: DecodeStep on every layer (a step's time is the sum of its layers' calls;
-// the counters are read between them, untimed), then an untimed Truncate back to `tokens`.
-StepRun RunSteps(Engine& engine, const SequenceId& seq, int layers, int64_t tokens, int steps) {
+// the counters are read between them, untimed). The sequence grows by one token a step, as in a
+// real decode loop, unless `truncate`: then an untimed Truncate back to `tokens` follows each.
+StepRun RunSteps(Engine& engine, const SequenceId& seq, int layers, int64_t tokens, int steps,
+                 bool truncate) {
   std::vector<std::vector<float>> q;
   for (int l = 0; l < layers; ++l) q.push_back(RandomQuery(l));
   std::vector<uint16_t> nk, nv;
@@ -435,7 +440,7 @@ StepRun RunSteps(Engine& engine, const SequenceId& seq, int layers, int64_t toke
       step += c;
       if (s >= 0) run.layers[l].push_back(c);
     }
-    Check(engine.Truncate(seq, tokens), "Truncate");
+    if (truncate) Check(engine.Truncate(seq, tokens), "Truncate");
     if (s >= 0) run.steps.push_back(step);
   }
   return run;
@@ -494,9 +499,10 @@ void RunLayerOffload(const Flags& flags) {
   std::printf(
       "\n== 2. layer_offload: %d layers x %lld tokens (%.0f MiB of KV, %.0f MiB per layer), "
       "device budget %.0f MiB (%d layers + spares), compute_threads 1, copy_threads %d, "
-      "%d steps (DecodeStep on every layer) ==\n",
+      "%d steps (DecodeStep on every layer, %s) ==\n",
       layers, static_cast<long long>(tokens), MiB(kv), MiB(layer_bytes), MiB(device),
-      flags.offload_device_layers, flags.copy_threads, flags.offload_steps);
+      flags.offload_device_layers, flags.copy_threads, flags.offload_steps,
+      flags.offload_truncate ? "truncated back after each" : "growing a token a step");
   const KvGenerator gen;
   StepRun base;
   {
@@ -504,7 +510,7 @@ void RunLayerOffload(const Flags& flags) {
                              flags.copy_threads);
     const SequenceId seq = NewSequence(*engine, Placement::DEVICE_ONLY);
     Fill(*engine, seq, layers, tokens, gen, nullptr);
-    base = RunSteps(*engine, seq, layers, tokens, flags.offload_steps);
+    base = RunSteps(*engine, seq, layers, tokens, flags.offload_steps, flags.offload_truncate);
   }
   StepRun offload;
   {
@@ -512,7 +518,7 @@ void RunLayerOffload(const Flags& flags) {
         MakeEngine(layers, device, kv + kv / 16 + (uint64_t{64} << 20), 1, flags.copy_threads);
     const SequenceId seq = NewSequence(*engine, Placement::LAYER_OFFLOAD);
     Fill(*engine, seq, layers, tokens, gen, nullptr);
-    offload = RunSteps(*engine, seq, layers, tokens, flags.offload_steps);
+    offload = RunSteps(*engine, seq, layers, tokens, flags.offload_steps, flags.offload_truncate);
   }
   PrintStepRun("device_only", base);
   PrintStepRun("layer_offload", offload);
@@ -571,8 +577,14 @@ Flags ParseFlags(int argc, char** argv) {
       {"--copy_threads", &f.copy_threads}};
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--no_offload" || arg == "--no_device_only") {
-      (arg == "--no_offload" ? f.offload : f.device_only) = false;
+    const std::vector<std::pair<std::string, std::pair<bool*, bool>>> switches = {
+        {"--no_offload", {&f.offload, false}},
+        {"--no_device_only", {&f.device_only, false}},
+        {"--offload_truncate", {&f.offload_truncate, true}}};
+    auto sw = std::find_if(switches.begin(), switches.end(),
+                           [&](const auto& e) { return e.first == arg; });
+    if (sw != switches.end()) {
+      *sw->second.first = sw->second.second;
       continue;
     }
     if (i + 1 >= argc) Usage(arg + " needs a value");
