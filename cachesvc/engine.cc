@@ -260,7 +260,8 @@ absl::Status Engine::ValidateAppend(const Sequence& s, int layer, int64_t k_byte
 }
 
 absl::Status Engine::Append(const SequenceId& seq, LayerId layer, absl::Span<const std::byte> k,
-                            absl::Span<const std::byte> v, int num_tokens, DType dtype) {
+                            absl::Span<const std::byte> v, int num_tokens, DType dtype,
+                            const CommitHook* before_commit) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
   MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));
@@ -269,7 +270,35 @@ absl::Status Engine::Append(const SequenceId& seq, LayerId layer, absl::Span<con
   if (k.data() == nullptr || v.data() == nullptr) {
     return absl::InvalidArgumentError("k and v are required");
   }
-  return AppendLocked(*s, layer.value(), k.data(), v.data(), num_tokens);
+  return AppendLocked(*s, layer.value(), k.data(), v.data(), num_tokens, before_commit);
+}
+
+absl::Status Engine::AppendReplay(const SequenceId& seq, LayerId layer,
+                                  absl::Span<const std::byte> k, absl::Span<const std::byte> v,
+                                  int num_tokens, DType dtype, const LayerDrops& drops) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
+  MutexLock lock(&s->mu);
+  RETURN_IF_ERROR(CheckLive(*s));
+  RETURN_IF_ERROR(ValidateAppend(*s, layer.value(), static_cast<int64_t>(k.size()),
+                                 static_cast<int64_t>(v.size()), num_tokens, dtype));
+  AppendPlan plan;
+  RETURN_IF_ERROR(PlanAppend(*s, layer.value(), num_tokens, plan));
+  ApplyAppend(*s, plan, k.data(), v.data());
+  std::vector<HeadActions> actions;
+  if (absl::Status st = ActionsFor(*s, layer.value(), drops, actions); !st.ok()) {
+    UndoAppend(*s, plan);
+    return st;
+  }
+  CommitAppend(*s, plan);
+  ApplyActions(*s, layer.value(), actions);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Engine::DecisionsDependOnQueries(const SequenceId& seq) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
+  MutexLock lock(&s->mu);
+  RETURN_IF_ERROR(CheckLive(*s));
+  return s->stack->actions().uses_scores();
 }
 
 // ---------------------------------------------------------------------------------------------

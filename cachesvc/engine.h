@@ -183,6 +183,18 @@ struct StepPlan {
   std::array<uint64_t, kNumCopyPriorities> bytes{};
 };
 
+// What the policy stack dropped from one layer in one operation: for each kv head, the positions
+// of the tokens it removed (whole pages and single tokens), ascending. Logged by the daemon for
+// policies whose decisions depend on queries, and given back to Engine::AppendReplay on restore.
+struct LayerDrops {
+  std::vector<std::vector<int64_t>> positions;  // [num_kv_heads][...]
+};
+
+// Called by an operation once its decisions are made and before anything is committed; a non-OK
+// status undoes the operation (the sequence is left as it was) and is returned. The daemon
+// writes a durable sequence's decisions to its log here.
+using CommitHook = std::function<absl::Status(const LayerDrops&)>;
+
 // How much GetSequenceStats computes. kUsage is O(layers): every figure is maintained
 // incrementally. kWithSharing also counts shared pages, walking every page of the sequence.
 enum class StatsDetail : uint8_t { kUsage = 0, kWithSharing = 1 };
@@ -214,7 +226,20 @@ class Engine {
   // the layout's dtype (the byte sizes must match exactly). Follows the append rule above.
   // All-or-nothing: on any error the sequence is unchanged. Eviction runs afterwards.
   absl::Status Append(const SequenceId& seq, LayerId layer, absl::Span<const std::byte> k,
-                      absl::Span<const std::byte> v, int num_tokens, DType dtype);
+                      absl::Span<const std::byte> v, int num_tokens, DType dtype,
+                      const CommitHook* before_commit = nullptr);
+
+  // Restore: appends as Append does, but applies exactly `drops` (what the original operation's
+  // decisions removed, as its CommitHook saw them) instead of asking the policy stack.
+  // INVALID_ARGUMENT (nothing changed) when `drops` names a position the layer does not hold or
+  // the newest token.
+  absl::Status AppendReplay(const SequenceId& seq, LayerId layer, absl::Span<const std::byte> k,
+                            absl::Span<const std::byte> v, int num_tokens, DType dtype,
+                            const LayerDrops& drops);
+
+  // True when the sequence's decisions depend on its queries (a score-driven action policy):
+  // replaying its appends alone would not rebuild the same pages, so the daemon logs them.
+  absl::StatusOr<bool> DecisionsDependOnQueries(const SequenceId& seq);
 
   // Decode attention of one query token per query head over the current cached (kept) tokens of
   // `layer`. q: [num_q_heads][head_dim]; o: [num_q_heads][head_dim]; lse: [num_q_heads] (natural
@@ -229,7 +254,8 @@ class Engine {
   // o: [T][num_q_heads][head_dim]; lse: [T][num_q_heads] (may be empty: not written).
   absl::Status Prefill(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
                        absl::Span<const std::byte> k, absl::Span<const std::byte> v, int num_tokens,
-                       DType dtype, absl::Span<float> o, absl::Span<float> lse);
+                       DType dtype, absl::Span<float> o, absl::Span<float> lse,
+                       const CommitHook* before_commit = nullptr);
 
   // One decode step of one layer, atomically: the query attends over the cached tokens of `layer`
   // plus the new token (k, v: [1][num_kv_heads][head_dim] in `dtype`), then the token is
@@ -240,7 +266,8 @@ class Engine {
   absl::Status DecodeStep(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
                           absl::Span<const std::byte> k, absl::Span<const std::byte> v, DType dtype,
                           absl::Span<float> o, absl::Span<float> lse,
-                          int64_t* layer_length = nullptr);
+                          int64_t* layer_length = nullptr,
+                          const CommitHook* before_commit = nullptr);
 
   // One item of a batched decode step: the arguments of DecodeStep for one sequence, and its
   // result. Distinct items must name distinct sequences.
@@ -253,6 +280,7 @@ class Engine {
     absl::Span<float> lse;
     absl::Status status;       // Out: this item's result.
     int64_t layer_length = 0;  // Out: on success, the layer's length after the append.
+    const CommitHook* before_commit = nullptr;  // As DecodeStep's.
   };
   // One layer's decode step for many sequences, as a serving engine batches them. Each item is
   // an independent DecodeStep (its own status; one failing item changes nothing of its sequence
@@ -369,7 +397,15 @@ class Engine {
   // took and changes nothing) + ApplyAppend (cannot fail) + the stack's actions, then
   // CommitAppend. UndoAppend reverts an applied, uncommitted plan. REQUIRES: s.mu held.
   absl::Status AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
-                            int num_tokens);
+                            int num_tokens, const CommitHook* before_commit);
+  // Drops the token drops that cannot be applied now (pages shared or on disk) from `actions`,
+  // so that what is applied is exactly what LayerDropsOf reports; then the positions removed.
+  void KeepApplicable(Sequence& s, int layer, std::vector<HeadActions>& actions);
+  LayerDrops LayerDropsOf(Sequence& s, int layer, const std::vector<HeadActions>& actions);
+  // The actions that remove exactly `drops`; INVALID_ARGUMENT for a position not held or the
+  // newest token.
+  absl::Status ActionsFor(Sequence& s, int layer, const LayerDrops& drops,
+                          std::vector<HeadActions>& out);
   absl::Status PlanAppend(Sequence& s, int layer, int num_tokens, AppendPlan& plan);
   void ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k, const std::byte* v);
   void UndoAppend(Sequence& s, AppendPlan& plan);
@@ -414,9 +450,10 @@ class Engine {
   absl::Status DecodeStepLocked(Sequence& s, int layer, absl::Span<const float> q,
                                 absl::Span<const std::byte> k, absl::Span<const std::byte> v,
                                 DType dtype, absl::Span<float> o, absl::Span<float> lse,
-                                int64_t* layer_length);
+                                int64_t* layer_length, const CommitHook* before_commit);
   absl::Status PrefillLocked(Sequence& s, int layer, const float* q, const std::byte* k,
-                             const std::byte* v, int num_tokens, float* o, float* lse);
+                             const std::byte* v, int num_tokens, float* o, float* lse,
+                             const CommitHook* before_commit);
 
   const EngineOptions options_;
   std::unique_ptr<DiskStore> disk_;

@@ -212,18 +212,90 @@ void Engine::CommitAppend(Sequence& s, AppendPlan& plan) {
 }
 
 absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
-                                  int num_tokens) {
+                                  int num_tokens, const CommitHook* before_commit) {
   s.mu.AssertHeld();
   AppendPlan plan;
   RETURN_IF_ERROR(PlanAppend(s, layer, num_tokens, plan));
   ApplyAppend(s, plan, k, v);
   std::vector<HeadActions> actions;
-  if (absl::Status st = DecideActions(s, layer, actions); !st.ok()) {
+  absl::Status st = DecideActions(s, layer, actions);
+  if (st.ok()) KeepApplicable(s, layer, actions);
+  if (st.ok() && before_commit != nullptr) st = (*before_commit)(LayerDropsOf(s, layer, actions));
+  if (!st.ok()) {
     UndoAppend(s, plan);
     return st;
   }
   CommitAppend(s, plan);
   ApplyActions(s, layer, actions);
+  return absl::OkStatus();
+}
+
+void Engine::KeepApplicable(Sequence& s, int layer, std::vector<HeadActions>& actions) {
+  s.mu.AssertHeld();
+  for (int h = 0; h < s.layout().num_kv_heads; ++h) {
+    const HeadTable& t = s.table(layer, h);
+    std::vector<TokenRef>& drops = actions[h].drop_tokens;
+    drops.erase(std::remove_if(drops.begin(), drops.end(),
+                               [&](const TokenRef& r) {
+                                 const PhysPage* p = t.phys[r.page];
+                                 return !p->exclusive() || p->tier == Tier::kDisk;
+                               }),
+                drops.end());
+  }
+}
+
+LayerDrops Engine::LayerDropsOf(Sequence& s, int layer, const std::vector<HeadActions>& actions) {
+  s.mu.AssertHeld();
+  LayerDrops out;
+  out.positions.resize(s.layout().num_kv_heads);
+  for (int h = 0; h < s.layout().num_kv_heads; ++h) {
+    const HeadTable& t = s.table(layer, h);
+    std::vector<int64_t>& p = out.positions[h];
+    for (int32_t page : actions[h].drop_pages) {
+      for (int r = 0; r < t.meta[page].token_count; ++r) p.push_back(t.meta[page].position(r));
+    }
+    for (const TokenRef& r : actions[h].drop_tokens) p.push_back(t.meta[r.page].position(r.row));
+    std::sort(p.begin(), p.end());
+  }
+  return out;
+}
+
+absl::Status Engine::ActionsFor(Sequence& s, int layer, const LayerDrops& drops,
+                                std::vector<HeadActions>& out) {
+  s.mu.AssertHeld();
+  const int H = s.layout().num_kv_heads;
+  if (drops.positions.size() != static_cast<size_t>(H)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("drops name ", drops.positions.size(), " kv heads; the layout has ", H));
+  }
+  out.assign(H, HeadActions{});
+  for (int h = 0; h < H; ++h) {
+    const HeadTable& t = s.table(layer, h);
+    const std::vector<int64_t>& want = drops.positions[h];
+    size_t next = 0;
+    for (size_t i = 0; i < t.meta.size() && next < want.size(); ++i) {
+      const PageMeta& m = t.meta[i];
+      std::vector<TokenRef> in_page;
+      for (int r = 0; r < m.token_count && next < want.size(); ++r) {
+        if (m.position(r) == want[next]) {
+          in_page.push_back(TokenRef{static_cast<int32_t>(i), r});
+          ++next;
+        }
+      }
+      if (static_cast<int>(in_page.size()) == m.token_count && i + 1 < t.meta.size()) {
+        out[h].drop_pages.push_back(static_cast<int32_t>(i));
+      } else {
+        out[h].drop_tokens.insert(out[h].drop_tokens.end(), in_page.begin(), in_page.end());
+      }
+    }
+    const bool newest =
+        !t.meta.empty() && !want.empty() && want.back() == t.meta.back().last_position();
+    if (next != want.size() || newest || !std::is_sorted(want.begin(), want.end())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", layer, " kv head ", h,
+                       ": the drops to replay name a position it does not hold"));
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -290,7 +290,8 @@ absl::Status Engine::Attend(const SequenceId& seq, LayerId layer, absl::Span<con
 }
 
 absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const std::byte* k,
-                                   const std::byte* v, int num_tokens, float* o, float* lse) {
+                                   const std::byte* v, int num_tokens, float* o, float* lse,
+                                   const CommitHook* before_commit) {
   s.mu.AssertHeld();
   const ModelLayout& layout = s.layout();
   const int H = layout.num_kv_heads;
@@ -372,13 +373,13 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
     Unstage(next_staged);
   }
   RETURN_IF_ERROR(st);
-  return AppendLocked(s, layer, k, v, num_tokens);
+  return AppendLocked(s, layer, k, v, num_tokens, before_commit);
 }
 
 absl::Status Engine::Prefill(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
                              absl::Span<const std::byte> k, absl::Span<const std::byte> v,
                              int num_tokens, DType dtype, absl::Span<float> o,
-                             absl::Span<float> lse) {
+                             absl::Span<float> lse, const CommitHook* before_commit) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
   MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));
@@ -393,13 +394,13 @@ absl::Status Engine::Prefill(const SequenceId& seq, LayerId layer, absl::Span<co
                                                    q.size(), ", ", o.size(), ", ", lse.size()));
   }
   return PrefillLocked(*s, layer.value(), q.data(), k.data(), v.data(), num_tokens, o.data(),
-                       lse.empty() ? nullptr : lse.data());
+                       lse.empty() ? nullptr : lse.data(), before_commit);
 }
 
 absl::Status Engine::DecodeStepLocked(Sequence& s, int layer, absl::Span<const float> q,
                                       absl::Span<const std::byte> k, absl::Span<const std::byte> v,
                                       DType dtype, absl::Span<float> o, absl::Span<float> lse,
-                                      int64_t* layer_length) {
+                                      int64_t* layer_length, const CommitHook* before_commit) {
   s.mu.AssertHeld();
   RETURN_IF_ERROR(CheckLive(s));
   RETURN_IF_ERROR(ValidateAppend(s, layer, static_cast<int64_t>(k.size()),
@@ -426,6 +427,8 @@ absl::Status Engine::DecodeStepLocked(Sequence& s, int layer, absl::Span<const f
     st = AttendLocked(s, layer, q.data(), o.data(), lse.data(), decide_after ? nullptr : &actions);
   }
   if (st.ok() && decide_after) st = DecideActions(s, layer, actions);
+  if (st.ok()) KeepApplicable(s, layer, actions);
+  if (st.ok() && before_commit != nullptr) st = (*before_commit)(LayerDropsOf(s, layer, actions));
   if (!st.ok()) {
     UndoAppend(s, plan);
     return st;
@@ -439,10 +442,10 @@ absl::Status Engine::DecodeStepLocked(Sequence& s, int layer, absl::Span<const f
 absl::Status Engine::DecodeStep(const SequenceId& seq, LayerId layer, absl::Span<const float> q,
                                 absl::Span<const std::byte> k, absl::Span<const std::byte> v,
                                 DType dtype, absl::Span<float> o, absl::Span<float> lse,
-                                int64_t* layer_length) {
+                                int64_t* layer_length, const CommitHook* before_commit) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
   MutexLock lock(&s->mu);
-  return DecodeStepLocked(*s, layer.value(), q, k, v, dtype, o, lse, layer_length);
+  return DecodeStepLocked(*s, layer.value(), q, k, v, dtype, o, lse, layer_length, before_commit);
 }
 
 absl::Status Engine::DecodeStepBatch(LayerId layer, DType dtype, absl::Span<DecodeItem> items) {
@@ -472,7 +475,7 @@ absl::Status Engine::DecodeStepBatch(LayerId layer, DType dtype, absl::Span<Deco
     if (seqs[i] == nullptr) continue;
     DecodeItem& item = items[i];
     item.status = DecodeStepLocked(*seqs[i], layer.value(), item.q, item.k, item.v, dtype, item.o,
-                                   item.lse, &item.layer_length);
+                                   item.lse, &item.layer_length, item.before_commit);
   }
   return absl::OkStatus();
 }

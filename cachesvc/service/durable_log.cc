@@ -91,17 +91,43 @@ absl::Status DurableLog::PutAppends(absl::Span<const AppendOp> ops) {
   return WriteAppends(ops);
 }
 
+namespace {
+
+DurableOpRecord AppendRecord(const DurableLog::AppendOp& op) {
+  DurableOpRecord record;
+  record.set_kind(DurableOpRecord::APPEND);
+  record.set_layer(op.layer);
+  record.set_num_tokens(op.num_tokens);
+  record.set_k_bytes(op.k.size());
+  record.set_v_bytes(op.v.size());
+  record.set_step_id(op.step_id);
+  if (op.drops != nullptr) {
+    record.set_decisions_logged(true);
+    for (size_t h = 0; h < op.drops->size(); ++h) {
+      if ((*op.drops)[h].empty()) continue;
+      headwise::v1::HeadDrops* d = record.add_dropped();
+      d->set_kv_head(static_cast<int32_t>(h));
+      for (int64_t p : (*op.drops)[h]) d->add_positions(p);
+    }
+  }
+  return record;
+}
+
+}  // namespace
+
+absl::Status DurableLog::PutAppendDecisions(const AppendOp& op) {
+  RETURN_IF_ERROR(ParseHandle(op.handle).status());
+  if (op.drops == nullptr) return absl::InvalidArgumentError("PutAppendDecisions needs drops");
+  RETURN_IF_ERROR(InjectedFault("PutAppendDecisions"));
+  return store_->Put(RecordFamily::kPageMeta, OpKey(op.handle, op.op_index),
+                     AppendRecord(op).SerializeAsString(), /*sync=*/true);
+}
+
 absl::Status DurableLog::WriteAppends(absl::Span<const AppendOp> ops) {
   DiskStore::Batch batch(store_.get());
   for (const AppendOp& op : ops) {
     ASSIGN_OR_RETURN(SequenceId id, ParseHandle(op.handle));
-    DurableOpRecord record;
-    record.set_kind(DurableOpRecord::APPEND);
-    record.set_layer(op.layer);
-    record.set_num_tokens(op.num_tokens);
-    record.set_k_bytes(op.k.size());
-    record.set_v_bytes(op.v.size());
-    record.set_step_id(op.step_id);
+    const DurableOpRecord record = AppendRecord(op);
     RETURN_IF_ERROR(batch.PutPage(PageKey{id, LayerId(0), HeadId(0), op.op_index}, op.k));
     RETURN_IF_ERROR(batch.PutPage(PageKey{id, LayerId(0), HeadId(1), op.op_index}, op.v));
     RETURN_IF_ERROR(batch.Put(RecordFamily::kPageMeta, OpKey(op.handle, op.op_index),

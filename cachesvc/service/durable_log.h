@@ -54,11 +54,17 @@ class DurableLog {
     uint64_t step_id = 0;
     absl::Span<const std::byte> k;
     absl::Span<const std::byte> v;
+    // Decisions of a query-dependent policy, per kv head (positions dropped); null: none logged.
+    const std::vector<std::vector<int64_t>>* drops = nullptr;
   };
   // Logs `op`. INVALID_ARGUMENT for a handle that is not 32 lowercase hex digits.
   absl::Status PutAppend(const AppendOp& op);
   // Logs every op of `ops` in one write batch (one fsync): all or none.
   absl::Status PutAppends(absl::Span<const AppendOp> ops);
+  // Rewrites the record of APPEND `op` (already logged with PutAppend; its K/V stay) with its
+  // decisions (op.drops, required), synced: the step's decisions are durable before it is
+  // acknowledged.
+  absl::Status PutAppendDecisions(const AppendOp& op);
   absl::Status PutTruncate(const std::string& handle, uint32_t op_index, int64_t length);
   // Removes op `op_index` (undoes a Put* whose engine call then failed). A later op written with
   // the same index also replaces it.

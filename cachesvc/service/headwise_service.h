@@ -264,11 +264,13 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   // NOT_FOUND when the entry was released meanwhile.
   static absl::Status CheckLive(const SequenceEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
 
-  // Runs `apply` (one all-or-nothing engine call that appends k/v to `layer`). For a durable
-  // sequence the append is logged first and removed from the log again when `apply` fails.
+  // Runs `apply` (one all-or-nothing engine call that appends k/v to `layer`, given the commit
+  // hook to pass to the engine). For a durable sequence the append is logged first and removed
+  // from the log again when `apply` fails; when its policy decides from queries, the hook also
+  // logs the step's decisions before the engine commits them (restore replays them exactly).
   absl::Status LoggedAppend(SequenceEntry& entry, int layer, int num_tokens, uint64_t step_id,
                             absl::Span<const std::byte> k, absl::Span<const std::byte> v,
-                            absl::FunctionRef<absl::Status()> apply)
+                            absl::FunctionRef<absl::Status(const CommitHook*)> apply)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
   // Removes ops the engine then refused from the log (errors are logged: the next op of the
   // sequence reuses the index and replaces a stale one).

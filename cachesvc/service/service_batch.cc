@@ -146,10 +146,26 @@ void HeadwiseService::RunBatch(int layer,
   for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {
     std::vector<Engine::DecodeItem> items;
     std::vector<BatchSlot*> owners;
+    // Durable items whose policy decides from queries log their decisions before the engine
+    // commits them (as DecodeStep does); one hook per such item, alive through the batch.
+    std::vector<CommitHook> hooks;
+    hooks.reserve(slots.size());
     for (BatchSlot& slot : slots) {
       PreparedDecode& step = slot.step;
       if (!slot.run || step.entry->layout.dtype != dtype) continue;
       Engine::DecodeItem item;
+      absl::StatusOr<bool> query_dependent =
+          slot.logged ? engine_->DecisionsDependOnQueries(step.entry->engine_id) : false;
+      if (query_dependent.ok() && *query_dependent) {
+        const DurableLog::AppendOp record{step.entry->handle, slot.op,     step.layer, 1,
+                                          step.step_id,       step.k.span, step.v.span};
+        hooks.push_back([this, record](const LayerDrops& drops) {
+          DurableLog::AppendOp with = record;
+          with.drops = &drops.positions;
+          return options_.durable_log->PutAppendDecisions(with);
+        });
+        item.before_commit = &hooks.back();
+      }
       item.seq = step.entry->engine_id;
       item.q = step.q;
       item.k = step.k.span;

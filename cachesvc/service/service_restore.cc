@@ -34,7 +34,22 @@ absl::Status ReplayOps(Engine& engine, DurableLog& log, const std::string& handl
     absl::Status status;
     if (record.kind() == headwise::v1::DurableOpRecord::APPEND) {
       status = log.ReadAppend(handle, op, &k, &v);
-      if (status.ok()) {
+      if (status.ok() && record.decisions_logged()) {
+        // The policy decided from queries: apply what it decided then, not a new decision.
+        LayerDrops drops;
+        drops.positions.resize(layout.num_kv_heads);
+        for (const headwise::v1::HeadDrops& d : record.dropped()) {
+          if (d.kv_head() < 0 || d.kv_head() >= layout.num_kv_heads) {
+            status = absl::DataLossError(absl::StrCat("dropped kv head ", d.kv_head()));
+            break;
+          }
+          drops.positions[d.kv_head()].assign(d.positions().begin(), d.positions().end());
+        }
+        if (status.ok()) {
+          status = engine.AppendReplay(*out.id, LayerId(record.layer()), k, v, record.num_tokens(),
+                                       layout.dtype, drops);
+        }
+      } else if (status.ok()) {
         status = engine.Append(*out.id, LayerId(record.layer()), k, v, record.num_tokens(),
                                layout.dtype);
       }

@@ -42,15 +42,21 @@ void HeadwiseService::ForgetRejectedOps(absl::Span<const std::pair<std::string, 
   }
 }
 
-absl::Status HeadwiseService::LoggedAppend(SequenceEntry& entry, int layer, int num_tokens,
-                                           uint64_t step_id, absl::Span<const std::byte> k,
-                                           absl::Span<const std::byte> v,
-                                           absl::FunctionRef<absl::Status()> apply) {
-  if (!entry.durable) return apply();
+absl::Status HeadwiseService::LoggedAppend(
+    SequenceEntry& entry, int layer, int num_tokens, uint64_t step_id,
+    absl::Span<const std::byte> k, absl::Span<const std::byte> v,
+    absl::FunctionRef<absl::Status(const CommitHook*)> apply) {
+  if (!entry.durable) return apply(nullptr);
   const uint32_t op = entry.next_op;
-  RETURN_IF_ERROR(options_.durable_log->PutAppend(
-      DurableLog::AppendOp{entry.handle, op, layer, num_tokens, step_id, k, v}));
-  absl::Status status = apply();
+  const DurableLog::AppendOp record{entry.handle, op, layer, num_tokens, step_id, k, v};
+  RETURN_IF_ERROR(options_.durable_log->PutAppend(record));
+  ASSIGN_OR_RETURN(const bool query_dependent, engine_->DecisionsDependOnQueries(entry.engine_id));
+  const CommitHook log_decisions = [&](const LayerDrops& drops) {
+    DurableLog::AppendOp with = record;
+    with.drops = &drops.positions;
+    return options_.durable_log->PutAppendDecisions(with);
+  };
+  absl::Status status = apply(query_dependent ? &log_decisions : nullptr);
   if (status.ok()) {
     ++entry.next_op;
     return status;
@@ -80,9 +86,10 @@ absl::Status HeadwiseService::DoAppend(const Tenant& tenant,
   }
   RETURN_IF_ERROR(CheckTierQuota(tenant, entry->append_tier, k.span.size() + v.span.size()));
   const SequenceId id = entry->engine_id;
-  RETURN_IF_ERROR(LoggedAppend(*entry, layer, tokens, request.step_id(), k.span, v.span, [&] {
-    return engine_->Append(id, LayerId(layer), k.span, v.span, tokens, layout.dtype);
-  }));
+  RETURN_IF_ERROR(LoggedAppend(
+      *entry, layer, tokens, request.step_id(), k.span, v.span, [&](const CommitHook* hook) {
+        return engine_->Append(id, LayerId(layer), k.span, v.span, tokens, layout.dtype, hook);
+      }));
   ASSIGN_OR_RETURN(SequenceStats stats, UpdateUsage(*entry));
   const int64_t length = stats.layer_lengths.at(layer);
   entry->steps.Record(layer, request.step_id(), StepKind::kAppend, tokens, length);
@@ -149,10 +156,11 @@ absl::Status HeadwiseService::DoPrefill(const Tenant& tenant,
     } else {
       RETURN_IF_ERROR(CheckTierQuota(tenant, entry->append_tier, k.span.size() + v.span.size()));
       const SequenceId id = entry->engine_id;
-      RETURN_IF_ERROR(LoggedAppend(*entry, layer, tokens, request.step_id(), k.span, v.span, [&] {
-        return engine_->Prefill(id, LayerId(layer), q, k.span, v.span, tokens, layout.dtype,
-                                absl::MakeSpan(o), absl::MakeSpan(lse));
-      }));
+      RETURN_IF_ERROR(LoggedAppend(
+          *entry, layer, tokens, request.step_id(), k.span, v.span, [&](const CommitHook* hook) {
+            return engine_->Prefill(id, LayerId(layer), q, k.span, v.span, tokens, layout.dtype,
+                                    absl::MakeSpan(o), absl::MakeSpan(lse), hook);
+          }));
       ASSIGN_OR_RETURN(SequenceStats stats, UpdateUsage(*entry));
       entry->steps.Record(layer, request.step_id(), StepKind::kPrefill, tokens,
                           stats.layer_lengths.at(layer), o, lse);
@@ -214,12 +222,13 @@ absl::Status HeadwiseService::DoDecodeStep(const Tenant& tenant, const DecodeCal
       RETURN_IF_ERROR(
           CheckTierQuota(tenant, entry.append_tier, step.k.span.size() + step.v.span.size()));
       const SequenceId id = entry.engine_id;
-      RETURN_IF_ERROR(
-          LoggedAppend(entry, step.layer, 1, step.step_id, step.k.span, step.v.span, [&] {
-            return engine_->DecodeStep(id, LayerId(step.layer), step.q, step.k.span, step.v.span,
-                                       entry.layout.dtype, absl::MakeSpan(step.o),
-                                       absl::MakeSpan(step.lse), &step.layer_length);
-          }));
+      RETURN_IF_ERROR(LoggedAppend(entry, step.layer, 1, step.step_id, step.k.span, step.v.span,
+                                   [&](const CommitHook* hook) {
+                                     return engine_->DecodeStep(
+                                         id, LayerId(step.layer), step.q, step.k.span, step.v.span,
+                                         entry.layout.dtype, absl::MakeSpan(step.o),
+                                         absl::MakeSpan(step.lse), &step.layer_length, hook);
+                                   }));
       entry.steps.Record(step.layer, step.step_id, StepKind::kDecode, 1, step.layer_length, step.o,
                          step.lse);
       UpdateUsage(entry).IgnoreError();
