@@ -112,9 +112,7 @@ absl::StatusOr<EvictionSpec> ResolveBudgetedEviction(const headwise::v1::PolicyS
   return resolved;
 }
 
-}  // namespace
-
-absl::StatusOr<EvictionSpec> ResolveEvictionSpec(const headwise::v1::PolicySpec& spec) {
+absl::StatusOr<EvictionSpec> ResolveMethod(const headwise::v1::PolicySpec& spec) {
   // Roles that make streaming heads (DuoAttention gates, retrieval scores) give the window to
   // those heads only.
   const bool duo_roles =
@@ -154,6 +152,15 @@ absl::StatusOr<EvictionSpec> ResolveEvictionSpec(const headwise::v1::PolicySpec&
   if (streaming.has_sink_tokens()) resolved.window.sink_tokens = streaming.sink_tokens();
   if (streaming.has_recent_tokens()) resolved.window.recent_tokens = streaming.recent_tokens();
   RETURN_IF_ERROR(ValidateWindow(resolved.window));
+  return resolved;
+}
+
+}  // namespace
+
+absl::StatusOr<EvictionSpec> ResolveEvictionSpec(const headwise::v1::PolicySpec& spec) {
+  ASSIGN_OR_RETURN(EvictionSpec resolved, ResolveMethod(spec));
+  if (spec.budget().has_uniform())
+    resolved.uniform_budget_tokens = spec.budget().uniform().tokens();
   return resolved;
 }
 

@@ -80,6 +80,9 @@ struct EvictionSpec {
   int64_t scissorhands_recent_tokens = 10;
   double scissorhands_drop_fraction = 0.5;
   int64_t scissorhands_threshold_tokens = 0;
+  // PolicySpec.budget.uniform.tokens when the budget is uniform, else kUnlimitedTokens (per-layer
+  // and per-head budgets are the BudgetAllocator's). Read by the accounting (accounting.h).
+  int64_t uniform_budget_tokens = kUnlimitedTokens;
 };
 
 // The TokenScorer registry name a method's scores need: "none" for the score-free methods,

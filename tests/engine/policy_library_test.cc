@@ -13,6 +13,8 @@
 
 #include "cachesvc/engine.h"
 #include "gtest/gtest.h"
+#include "policies/accounting.h"
+#include "policies/eviction.h"
 #include "tests/engine/engine_fixture.h"
 
 namespace headwise {
@@ -164,6 +166,13 @@ TEST_F(PolicyLibraryTest, TovaKeepsTheTokenEveryQueryAttendsToAndShrinksWithTheB
       }
     });
     EXPECT_EQ(stats.retained_tokens, layout_.num_layers * layout_.num_kv_heads * budget);
+    // The accounting formula: the same tokens, and at least the bytes the engine holds.
+    auto eviction = ResolveEvictionSpec(spec);
+    ASSERT_TRUE(eviction.ok());
+    auto footprint = ComputeKvFootprint(layout_, 34, UniformRoles(layout_), *eviction);
+    ASSERT_TRUE(footprint.ok());
+    EXPECT_EQ(footprint->retained_tokens, stats.retained_tokens);
+    EXPECT_LE(stats.device_bytes, footprint->retained_bytes);
     bytes.push_back(stats.device_bytes);
   }
   headwise::v1::PolicySpec full;
@@ -230,7 +239,13 @@ TEST_F(PolicyLibraryTest, KeyNormKeepsTheLowNormKeysAndTheRecentWindow) {
         }
       }
     }
-    bytes.push_back(Stats(seq).device_bytes);
+    const SequenceStats stats = Stats(seq);
+    auto footprint =
+        ComputeKvFootprint(layout_, 32, UniformRoles(layout_), *ResolveEvictionSpec(spec));
+    ASSERT_TRUE(footprint.ok());
+    EXPECT_EQ(footprint->retained_tokens, stats.retained_tokens);
+    EXPECT_LE(stats.device_bytes, footprint->retained_bytes);
+    bytes.push_back(stats.device_bytes);
     EXPECT_TRUE(engine_->Release(seq).ok());
   }
   EXPECT_LT(bytes[0], bytes[1]);

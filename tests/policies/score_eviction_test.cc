@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "policies/accounting.h"
 #include "policies/eviction.h"
 #include "policies/policy_stack.h"
 #include "tests/policies/token_head_helpers.h"
@@ -234,6 +235,35 @@ TEST(ScoreEvictionSpec, NeedsABudgetAndResolvesDefaults) {
     sh->set_drop_fraction(bad.second);
     EXPECT_EQ(ResolveEvictionSpec(spec).status().code(), absl::StatusCode::kInvalidArgument);
   }
+}
+
+TEST(ScoreEvictionSpec, AccountingCountsTheUniformBudget) {
+  headwise::v1::PolicySpec spec;
+  spec.mutable_budget()->mutable_uniform()->set_tokens(10);
+  spec.mutable_eviction()->mutable_tova();
+  auto e = ResolveEvictionSpec(spec);
+  ASSERT_TRUE(e.ok());
+  EXPECT_EQ(e->uniform_budget_tokens, 10);
+  // P = 4: 10 tokens need 3 dense pages; fragmentation bound 2 * 3 + 1 = 7 of the 25 held.
+  HeadRetention r = RetainedForHead(*e, HeadRole::kRetrieval, 100, 4);
+  EXPECT_EQ(r.tokens, 10);
+  EXPECT_EQ(r.pages, 7);
+  r = RetainedForHead(*e, HeadRole::kRetrieval, 6, 4);  // Under the budget: everything.
+  EXPECT_EQ(r.tokens, 6);
+  EXPECT_EQ(r.pages, 2);
+  // H2O under a budget: min(heavy + recent, B).
+  spec.mutable_eviction()->mutable_h2o()->set_heavy_tokens(4);
+  spec.mutable_eviction()->mutable_h2o()->set_recent_tokens(4);
+  e = ResolveEvictionSpec(spec);
+  EXPECT_EQ(RetainedForHead(*e, HeadRole::kRetrieval, 100, 4).tokens, 8);
+  spec.mutable_budget()->mutable_uniform()->set_tokens(5);
+  e = ResolveEvictionSpec(spec);
+  EXPECT_EQ(RetainedForHead(*e, HeadRole::kRetrieval, 100, 4).tokens, 5);
+  // Other budgets are not modelled: full (an upper bound).
+  spec.mutable_budget()->mutable_pyramid_kv()->set_tokens(5);
+  spec.mutable_eviction()->mutable_tova();
+  e = ResolveEvictionSpec(spec);
+  EXPECT_EQ(RetainedForHead(*e, HeadRole::kRetrieval, 100, 4).tokens, 100);
 }
 
 TEST(ScoreEvictionSpec, TheStackPicksTheMatchingScorer) {
