@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "cachesvc/base/status_macros.h"
 #include "policies/basic_stages.h"
+#include "policies/retrieval_roles.h"
 
 namespace headwise {
 namespace {
@@ -261,8 +262,8 @@ std::string_view BudgetAllocatorName(const PolicySpec& spec) {
   }
 }
 
-absl::StatusOr<std::unique_ptr<BudgetAllocator>> CreateBudgetAllocator(const PolicySpec& spec,
-                                                                       const ModelLayout& layout) {
+absl::StatusOr<std::unique_ptr<BudgetAllocator>> CreateBudgetAllocator(
+    const PolicySpec& spec, const ModelLayout& layout, const PatternDirectory* patterns) {
   const TokenBudget& budget = spec.budget();
   switch (budget.method_case()) {
     case TokenBudget::METHOD_NOT_SET:
@@ -289,7 +290,14 @@ absl::StatusOr<std::unique_ptr<BudgetAllocator>> CreateBudgetAllocator(const Pol
       HeadKvBudget::Options options{.tokens = h.tokens()};
       if (h.has_beta()) options.beta = h.beta();
       if (h.has_temperature()) options.temperature = h.temperature();
-      ASSIGN_OR_RETURN(auto allocator, HeadKvBudget::Create(options, h.scores(), layout));
+      InlineHeadScores scores = h.scores();
+      if (!h.pattern_name().empty()) {
+        if (h.has_scores()) {
+          return absl::InvalidArgumentError("head_kv takes scores or pattern_name, not both");
+        }
+        ASSIGN_OR_RETURN(scores, LoadRetrievalScores(patterns, h.pattern_name(), layout));
+      }
+      ASSIGN_OR_RETURN(auto allocator, HeadKvBudget::Create(options, scores, layout));
       return std::unique_ptr<BudgetAllocator>(std::move(allocator));
     }
   }

@@ -19,6 +19,8 @@
 
 namespace headwise {
 
+class PatternDirectory;  // policies/pattern_directory.h
+
 // Integers close to `exact` (each >= 0) summing to at most `total`: round half up, then, while
 // the sum exceeds `total`, one token less for the entry rounded up the most (ties: the lower
 // index). REQUIRES: sum(exact) <= total.
@@ -116,9 +118,11 @@ absl::Status ValidateInlineScores(const headwise::v1::InlineHeadScores& scores,
                                   const ModelLayout& layout, std::string_view what);
 
 // The allocator PolicySpec.budget names ("uniform" for none, with unlimited tokens), with its
-// parameters validated. INVALID_ARGUMENT for a parameter out of range.
+// parameters validated. INVALID_ARGUMENT for a parameter out of range; HeadKV scores named by
+// pattern are read from `patterns` (may be null; errors as LoadRetrievalScores).
 absl::StatusOr<std::unique_ptr<BudgetAllocator>> CreateBudgetAllocator(
-    const headwise::v1::PolicySpec& spec, const ModelLayout& layout);
+    const headwise::v1::PolicySpec& spec, const ModelLayout& layout,
+    const PatternDirectory* patterns = nullptr);
 
 // The registry name of PolicySpec.budget: "uniform", "pyramid_kv", "ada_kv", "head_kv".
 std::string_view BudgetAllocatorName(const headwise::v1::PolicySpec& spec);

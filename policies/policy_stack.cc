@@ -41,7 +41,7 @@ void RegisterBuiltins(PolicyRegistry& r) {
         name,
         [](const PolicySpec& spec,
            const StackEnv& env) -> absl::StatusOr<std::unique_ptr<BudgetAllocator>> {
-          return CreateBudgetAllocator(spec, *env.layout);
+          return CreateBudgetAllocator(spec, *env.layout, env.patterns);
         });
   }
   (void)r.Register<TokenScorer>(

@@ -100,6 +100,20 @@ absl::StatusOr<InlineHeadScores> ParseRetrievalScores(std::string_view text,
   return out;
 }
 
+absl::StatusOr<InlineHeadScores> LoadRetrievalScores(const PatternDirectory* patterns,
+                                                     const std::string& name,
+                                                     const ModelLayout& layout) {
+  if (patterns == nullptr) {
+    return absl::FailedPreconditionError(
+        "head scores name a pattern but the daemon has no pattern directory (set pattern_dir in "
+        "its config, or send the scores inline)");
+  }
+  ASSIGN_OR_RETURN(const std::string text, patterns->ReadPatternFile(name, kRetrievalScoresFileName,
+                                                                     kMaxRetrievalScoresBytes));
+  return ParseRetrievalScores(
+      text, layout, absl::StrCat("pattern '", name, "' (", kRetrievalScoresFileName, ")"));
+}
+
 std::vector<double> KvHeadScores(const InlineHeadScores& scores, const ModelLayout& layout,
                                  GroupReduction reduction, GroupReduction fallback) {
   if (reduction == headwise::v1::GROUP_REDUCTION_UNSPECIFIED) reduction = fallback;
@@ -165,17 +179,7 @@ absl::StatusOr<HeadRoles> RetrievalScoreRoleSource::Resolve(const ModelLayout& l
       RETURN_IF_ERROR(ValidateInlineScores(scores, layout, "retrieval_scores inline scores"));
       break;
     case RetrievalScoreRoles::kPatternName: {
-      if (patterns_ == nullptr) {
-        return absl::FailedPreconditionError(
-            "retrieval_scores names a pattern but the daemon has no pattern directory");
-      }
-      const std::string& name = config_.pattern_name();
-      ASSIGN_OR_RETURN(
-          const std::string text,
-          patterns_->ReadPatternFile(name, kRetrievalScoresFileName, kMaxRetrievalScoresBytes));
-      ASSIGN_OR_RETURN(scores, ParseRetrievalScores(text, layout,
-                                                    absl::StrCat("pattern '", name, "' (",
-                                                                 kRetrievalScoresFileName, ")")));
+      ASSIGN_OR_RETURN(scores, LoadRetrievalScores(patterns_, config_.pattern_name(), layout));
       break;
     }
     case RetrievalScoreRoles::SCORES_SOURCE_NOT_SET:

@@ -39,6 +39,13 @@ absl::StatusOr<headwise::v1::InlineHeadScores> ParseRetrievalScores(std::string_
                                                                     const ModelLayout& layout,
                                                                     std::string_view source);
 
+// The scores of pattern `name`'s head_scores.json (PatternDirectory::ReadPatternFile, then
+// ParseRetrievalScores). FAILED_PRECONDITION when `patterns` is null; the directory's and the
+// parser's errors otherwise.
+absl::StatusOr<headwise::v1::InlineHeadScores> LoadRetrievalScores(const PatternDirectory* patterns,
+                                                                   const std::string& name,
+                                                                   const ModelLayout& layout);
+
 // Per kv head (layer-major L x H_kv) from per-kv-head or per-query-head `scores`, reduced over
 // each group by `reduction` (UNSPECIFIED = `fallback`). REQUIRES: ValidateInlineScores passed.
 std::vector<double> KvHeadScores(const headwise::v1::InlineHeadScores& scores,

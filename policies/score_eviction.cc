@@ -71,11 +71,17 @@ absl::StatusOr<HeadActions> KeepWithinBudget(const HeadContext& head, int64_t ke
   const int64_t older = n - recent;
   std::vector<int64_t> order(older);
   for (int64_t i = 0; i < older; ++i) order[i] = i;
-  // Stable: among equal scores the older token comes first and is kept.
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return score(held[a]) > score(held[b]); });
-  std::vector<bool> kept(older, false);
+  // A total order (score descending, then the older token first), so the selection is the same
+  // as a stable sort's and needs only O(n): among equal scores the older token is kept.
+  const auto better = [&](int64_t a, int64_t b) {
+    const float sa = score(held[a]), sb = score(held[b]);
+    return sa != sb ? sa > sb : a < b;
+  };
   const int64_t heavy = keep - recent;
+  if (heavy > 0 && heavy < older) {
+    std::nth_element(order.begin(), order.begin() + (heavy - 1), order.end(), better);
+  }
+  std::vector<bool> kept(older, false);
   for (int64_t i = 0; i < older; ++i) {
     if (i < heavy || score(held[order[i]]) == kUnscored) kept[order[i]] = true;
   }

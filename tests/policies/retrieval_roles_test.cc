@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "policies/budgets.h"
 #include "policies/eviction.h"
 #include "policies/pattern_directory.h"
 #include "policies/policy_stack.h"
@@ -195,6 +196,35 @@ TEST_F(RetrievalPatternTest, RefusesWhatTheDirectoryRulesRefuse) {
   // Larger than the bound: refused before parsing.
   Write("huge", std::string(kMaxRetrievalScoresBytes + 1, ' '));
   EXPECT_EQ(Resolve("huge", dir_.get()).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(RetrievalPatternTest, HeadKvReadsItsScoresFromANamedPattern) {
+  Write("headkv", R"({"0-0": [3, 5]})");  // Query head (0, 0) scores 4, every other 0.
+  headwise::v1::PolicySpec spec;
+  auto* h = spec.mutable_budget()->mutable_head_kv();
+  h->set_tokens(10);
+  h->set_beta(2);
+  h->set_pattern_name("headkv");
+  // N = 8 query heads, floor(10 / 2) = 5, Pool = 40: query caps 45 and 5 (x7); kv heads of
+  // layer 0: (45 + 5) / 2 = 25 and 5; layer 1: 5 and 5 (sum 40 = L * H_kv * B).
+  auto budget = CreateBudgetAllocator(spec, Layout(), dir_.get());
+  ASSERT_TRUE(budget.ok()) << budget.status();
+  std::vector<int64_t> out(2);
+  (*budget)->Allocate(Layout(), HeadRoles(2, 2, HeadRole::kRetrieval), LayerId(0), 100, {},
+                      absl::MakeSpan(out));
+  EXPECT_EQ(out, (std::vector<int64_t>{25, 5}));
+  (*budget)->Allocate(Layout(), HeadRoles(2, 2, HeadRole::kRetrieval), LayerId(1), 100, {},
+                      absl::MakeSpan(out));
+  EXPECT_EQ(out, (std::vector<int64_t>{5, 5}));
+  EXPECT_EQ(CreateBudgetAllocator(spec, Layout(), nullptr).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  h->mutable_scores()->set_num_layers(2);
+  EXPECT_EQ(CreateBudgetAllocator(spec, Layout(), dir_.get()).status().code(),
+            absl::StatusCode::kInvalidArgument);  // Both sources.
+  h->clear_scores();
+  h->set_pattern_name("nothing-here");
+  EXPECT_EQ(CreateBudgetAllocator(spec, Layout(), dir_.get()).status().code(),
+            absl::StatusCode::kNotFound);
 }
 
 TEST(RetrievalScoreRoles, InlineScoresThroughTheStackGiveStreamingHeadsTheWindow) {
