@@ -305,12 +305,10 @@ absl::Status Engine::DecideActions(Sequence& s, int layer, std::vector<HeadActio
   const PolicyStack& stack = *s.stack;
   if (!stack.may_drop()) return absl::OkStatus();
   const ModelLayout& layout = s.layout();
-  std::vector<int64_t> budgets(layout.num_kv_heads);
-  stack.budgets().Allocate(layout, stack.roles(), LayerId(layer), s.layer_len[layer],
-                           absl::MakeSpan(budgets));
+  std::vector<HeadContext> heads(layout.num_kv_heads);
   for (int h = 0; h < layout.num_kv_heads; ++h) {
     const HeadTable& t = s.table(layer, h);
-    HeadContext head;
+    HeadContext& head = heads[h];
     head.layer = LayerId(layer);
     head.kv_head = HeadId(h);
     head.role = stack.roles().role(head.layer, head.kv_head);
@@ -318,9 +316,15 @@ absl::Status Engine::DecideActions(Sequence& s, int layer, std::vector<HeadActio
     head.seq_len = s.layer_len[layer];
     head.step = s.step;
     head.pages = t.meta;
-    head.budget_tokens = budgets[h];
     head.token_scores = t.scores;
-    ASSIGN_OR_RETURN(out[h], stack.actions().Decide(head));
+  }
+  std::vector<int64_t> budgets(layout.num_kv_heads);
+  stack.budgets().Allocate(layout, stack.roles(), LayerId(layer), s.layer_len[layer], heads,
+                           absl::MakeSpan(budgets));
+  for (int h = 0; h < layout.num_kv_heads; ++h) {
+    const HeadTable& t = s.table(layer, h);
+    heads[h].budget_tokens = budgets[h];
+    ASSIGN_OR_RETURN(out[h], stack.actions().Decide(heads[h]));
     // The decision is checked before anything is applied: a policy cannot corrupt the table.
     const size_t n = t.meta.size();
     const HeadActions& a = out[h];

@@ -12,12 +12,41 @@ HeadRetention FullRetention(int64_t seq_len, int page_tokens) {
   return {.pages = (seq_len + page_tokens - 1) / page_tokens, .tokens = seq_len};
 }
 
+namespace {
+
+// The most tokens a token-granular method keeps per head (kUnlimitedTokens: no bound).
+int64_t TokenBound(const EvictionSpec& spec) {
+  const int64_t budget = spec.uniform_budget_tokens < 0
+                             ? kUnlimitedTokens
+                             : std::max<int64_t>(1, spec.uniform_budget_tokens);
+  switch (spec.method) {
+    case EvictionSpec::Method::kH2o: {
+      const int64_t keep = spec.heavy_tokens + std::max<int64_t>(1, spec.h2o_recent_tokens);
+      return budget < 0 ? keep : std::min(keep, budget);
+    }
+    case EvictionSpec::Method::kTova:
+    case EvictionSpec::Method::kKeyNorm:
+    case EvictionSpec::Method::kScissorhands:
+      return budget;
+    default:
+      return kUnlimitedTokens;
+  }
+}
+
+bool TokenGranular(EvictionSpec::Method method) {
+  return method == EvictionSpec::Method::kH2o || method == EvictionSpec::Method::kTova ||
+         method == EvictionSpec::Method::kKeyNorm || method == EvictionSpec::Method::kScissorhands;
+}
+
+}  // namespace
+
 HeadRetention RetainedForHead(const EvictionSpec& spec, HeadRole role, int64_t seq_len,
                               int page_tokens) {
-  if (spec.method == EvictionSpec::Method::kH2o) {
-    const int64_t tokens =
-        std::min(seq_len, spec.heavy_tokens + std::max<int64_t>(1, spec.h2o_recent_tokens));
+  if (TokenGranular(spec.method)) {
     const HeadRetention full = FullRetention(seq_len, page_tokens);
+    const int64_t bound = TokenBound(spec);
+    if (bound < 0) return full;
+    const int64_t tokens = std::min(seq_len, bound);
     if (tokens == seq_len) return full;
     // Token-granular drops leave partial pages; the engine merges adjacent partial pages whose
     // tokens fit one page, so at most 2 * ceil(tokens / P) + 1 pages remain (a bound).

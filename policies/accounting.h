@@ -33,8 +33,12 @@ HeadRetention FullRetention(int64_t seq_len, int page_tokens);
 
 // What a head with `role` keeps at `seq_len` under `spec` (see the file comment for the page
 // layout assumed). For H2O the tokens are exact and the pages an upper bound (token-granular
-// drops leave partial pages; see accounting.cc). REQUIRES: seq_len >= 0, page_tokens > 0,
-// spec.window valid.
+// drops leave partial pages; see accounting.cc). TOVA, key norm and Scissorhands count
+// min(seq_len, B) tokens for a uniform budget B (exact for TOVA once a query has scored the
+// prompt and for key norm; an upper bound for Scissorhands, which oscillates between B - m and
+// B), with H2O's page bound; H2O with a uniform budget keeps min(heavy + recent, B). Other
+// budgets (PyramidKV, AdaKV, HeadKV) are not modelled: full retention, an upper bound.
+// REQUIRES: seq_len >= 0, page_tokens > 0, spec.window valid.
 HeadRetention RetainedForHead(const EvictionSpec& spec, HeadRole role, int64_t seq_len,
                               int page_tokens);
 

@@ -26,6 +26,7 @@ std::unique_ptr<BudgetAllocator> UniformBudget::Clone() const {
 
 void UniformBudget::Allocate(const ModelLayout& /*layout*/, const HeadRoles& /*roles*/,
                              LayerId /*layer*/, int64_t /*seq_len*/,
+                             absl::Span<const HeadContext> /*heads*/,
                              absl::Span<int64_t> out) const {
   std::fill(out.begin(), out.end(), tokens_);
 }

@@ -51,7 +51,8 @@ class UniformBudget final : public BudgetAllocator {
   std::string_view name() const override { return "uniform"; }
   std::unique_ptr<BudgetAllocator> Clone() const override;
   void Allocate(const ModelLayout& layout, const HeadRoles& roles, LayerId layer, int64_t seq_len,
-                absl::Span<int64_t> out) const override;
+                absl::Span<const HeadContext> heads, absl::Span<int64_t> out) const override;
+  int64_t tokens() const { return tokens_; }
 
  private:
   int64_t tokens_;

@@ -7,6 +7,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "cachesvc/base/status_macros.h"
+#include "policies/score_eviction.h"
 
 namespace headwise {
 
@@ -40,13 +41,83 @@ std::string_view EvictionMethodName(EvictionSpec::Method method) {
       return "duo_attention";
     case EvictionSpec::Method::kH2o:
       return "h2o";
+    case EvictionSpec::Method::kTova:
+      return "tova";
+    case EvictionSpec::Method::kKeyNorm:
+      return "key_norm";
+    case EvictionSpec::Method::kScissorhands:
+      return "scissorhands";
   }
   return "unknown";
 }
 
-absl::StatusOr<EvictionSpec> ResolveEvictionSpec(const headwise::v1::PolicySpec& spec) {
+std::string_view ScorerNameFor(EvictionSpec::Method method) {
+  switch (method) {
+    case EvictionSpec::Method::kH2o:
+      return "accumulated_attention";
+    case EvictionSpec::Method::kTova:
+      return "last_attention";
+    case EvictionSpec::Method::kKeyNorm:
+      return "key_norm";
+    case EvictionSpec::Method::kScissorhands:
+      return "unimportance_count";
+    default:
+      return "none";
+  }
+}
+
+namespace {
+
+// TOVA, key norm and Scissorhands: parameters, defaults and the budget they need.
+absl::StatusOr<EvictionSpec> ResolveBudgetedEviction(const headwise::v1::PolicySpec& spec) {
+  const headwise::v1::Eviction& e = spec.eviction();
+  EvictionSpec resolved;
+  if (spec.budget().method_case() == headwise::v1::TokenBudget::METHOD_NOT_SET) {
+    return absl::InvalidArgumentError(
+        "eviction tova, key_norm and scissorhands need PolicySpec.budget (how many tokens each "
+        "head keeps)");
+  }
+  if (e.has_tova()) {
+    resolved.method = EvictionSpec::Method::kTova;
+  } else if (e.has_key_norm()) {
+    resolved.method = EvictionSpec::Method::kKeyNorm;
+    if (e.key_norm().has_recent_tokens()) {
+      resolved.key_norm_recent_tokens = e.key_norm().recent_tokens();
+    }
+    RETURN_IF_ERROR(
+        KeyNormPolicy::Create({.recent_tokens = resolved.key_norm_recent_tokens}).status());
+  } else {
+    const headwise::v1::ScissorhandsEviction& sh = e.scissorhands();
+    resolved.method = EvictionSpec::Method::kScissorhands;
+    if (sh.has_history_window()) resolved.scissorhands_history_window = sh.history_window();
+    if (sh.has_recent_tokens()) resolved.scissorhands_recent_tokens = sh.recent_tokens();
+    if (sh.has_drop_fraction()) resolved.scissorhands_drop_fraction = sh.drop_fraction();
+    if (sh.has_threshold_tokens()) {
+      resolved.scissorhands_threshold_tokens = sh.threshold_tokens();
+    } else if (spec.budget().has_uniform()) {
+      resolved.scissorhands_threshold_tokens = spec.budget().uniform().tokens();
+    } else {
+      return absl::InvalidArgumentError(
+          "scissorhands needs threshold_tokens unless the budget is uniform");
+    }
+    RETURN_IF_ERROR(
+        ScissorhandsPolicy::Create({.recent_tokens = resolved.scissorhands_recent_tokens,
+                                    .drop_fraction = resolved.scissorhands_drop_fraction})
+            .status());
+    RETURN_IF_ERROR(
+        UnimportanceScorer::Create({.history_window = resolved.scissorhands_history_window,
+                                    .threshold_tokens = resolved.scissorhands_threshold_tokens})
+            .status());
+  }
+  return resolved;
+}
+
+absl::StatusOr<EvictionSpec> ResolveMethod(const headwise::v1::PolicySpec& spec) {
+  // Roles that make streaming heads (DuoAttention gates, retrieval scores) give the window to
+  // those heads only.
   const bool duo_roles =
-      spec.head_roles().source_case() == headwise::v1::HeadRolesSource::kDuoAttention;
+      spec.head_roles().source_case() == headwise::v1::HeadRolesSource::kDuoAttention ||
+      spec.head_roles().source_case() == headwise::v1::HeadRolesSource::kRetrievalScores;
   EvictionSpec resolved;
   switch (spec.eviction().method_case()) {
     case headwise::v1::Eviction::kNone:
@@ -70,6 +141,10 @@ absl::StatusOr<EvictionSpec> ResolveEvictionSpec(const headwise::v1::PolicySpec&
       }
       return resolved;
     }
+    case headwise::v1::Eviction::kTova:
+    case headwise::v1::Eviction::kKeyNorm:
+    case headwise::v1::Eviction::kScissorhands:
+      return ResolveBudgetedEviction(spec);
   }
   const headwise::v1::StreamingLlmEviction& streaming = spec.eviction().streaming_llm();
   resolved.method =
@@ -77,6 +152,15 @@ absl::StatusOr<EvictionSpec> ResolveEvictionSpec(const headwise::v1::PolicySpec&
   if (streaming.has_sink_tokens()) resolved.window.sink_tokens = streaming.sink_tokens();
   if (streaming.has_recent_tokens()) resolved.window.recent_tokens = streaming.recent_tokens();
   RETURN_IF_ERROR(ValidateWindow(resolved.window));
+  return resolved;
+}
+
+}  // namespace
+
+absl::StatusOr<EvictionSpec> ResolveEvictionSpec(const headwise::v1::PolicySpec& spec) {
+  ASSIGN_OR_RETURN(EvictionSpec resolved, ResolveMethod(spec));
+  if (spec.budget().has_uniform())
+    resolved.uniform_budget_tokens = spec.budget().uniform().tokens();
   return resolved;
 }
 
@@ -148,50 +232,11 @@ std::unique_ptr<ActionPolicy> H2oPolicy::Clone() const {
 }
 
 absl::StatusOr<HeadActions> H2oPolicy::Decide(const HeadContext& head) const {
-  std::vector<TokenRef> held;
-  for (size_t i = 0; i < head.pages.size(); ++i) {
-    for (int r = 0; r < head.pages[i].token_count; ++r) {
-      held.push_back(TokenRef{static_cast<int32_t>(i), r});
-    }
-  }
-  const int64_t n = static_cast<int64_t>(held.size());
   // The newest token always stays, even with recent_tokens = 0.
   const int64_t recent = std::max<int64_t>(1, options_.recent_tokens);
-  if (n <= options_.heavy_tokens + recent) return HeadActions{};
-  if (head.token_scores.size() != head.pages.size() * static_cast<size_t>(head.page_tokens)) {
-    return absl::FailedPreconditionError(
-        "h2o needs token scores (an accumulated-attention scorer)");
-  }
-  const auto score = [&](const TokenRef& t) {
-    return head.token_scores[static_cast<size_t>(t.page) * head.page_tokens + t.row];
-  };
-  // Candidates: every held token but the `recent` newest, already in position order.
-  std::vector<int64_t> order(n - recent);
-  for (int64_t i = 0; i < n - recent; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return score(held[a]) > score(held[b]); });
-  std::vector<bool> keep(n - recent, false);
-  for (int64_t i = 0; i < options_.heavy_tokens; ++i) keep[order[i]] = true;
-  HeadActions actions;
-  for (int64_t i = 0; i < n - recent; ++i) {
-    if (!keep[i]) actions.drop_tokens.push_back(held[i]);
-  }
-  // Pages losing every token are dropped whole (no compaction of an emptied page).
-  HeadActions out;
-  size_t i = 0;
-  while (i < actions.drop_tokens.size()) {
-    const int32_t page = actions.drop_tokens[i].page;
-    size_t j = i;
-    while (j < actions.drop_tokens.size() && actions.drop_tokens[j].page == page) ++j;
-    if (static_cast<int32_t>(j - i) == head.pages[page].token_count) {
-      out.drop_pages.push_back(page);
-    } else {
-      out.drop_tokens.insert(out.drop_tokens.end(), actions.drop_tokens.begin() + i,
-                             actions.drop_tokens.begin() + j);
-    }
-    i = j;
-  }
-  return out;
+  int64_t keep = options_.heavy_tokens + recent;
+  if (head.budget_tokens >= 0) keep = std::min(keep, head.budget_tokens);
+  return KeepWithinBudget(head, keep, recent, "h2o");
 }
 
 absl::StatusOr<std::unique_ptr<ActionPolicy>> CreateActionPolicy(const EvictionSpec& spec) {
@@ -209,6 +254,19 @@ absl::StatusOr<std::unique_ptr<ActionPolicy>> CreateActionPolicy(const EvictionS
     case EvictionSpec::Method::kH2o: {
       ASSIGN_OR_RETURN(auto policy, H2oPolicy::Create({.heavy_tokens = spec.heavy_tokens,
                                                        .recent_tokens = spec.h2o_recent_tokens}));
+      return std::unique_ptr<ActionPolicy>(std::move(policy));
+    }
+    case EvictionSpec::Method::kTova:
+      return std::make_unique<TovaPolicy>();
+    case EvictionSpec::Method::kKeyNorm: {
+      ASSIGN_OR_RETURN(auto policy,
+                       KeyNormPolicy::Create({.recent_tokens = spec.key_norm_recent_tokens}));
+      return std::unique_ptr<ActionPolicy>(std::move(policy));
+    }
+    case EvictionSpec::Method::kScissorhands: {
+      ASSIGN_OR_RETURN(auto policy, ScissorhandsPolicy::Create(
+                                        {.recent_tokens = spec.scissorhands_recent_tokens,
+                                         .drop_fraction = spec.scissorhands_drop_fraction}));
       return std::unique_ptr<ActionPolicy>(std::move(policy));
     }
   }

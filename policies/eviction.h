@@ -57,6 +57,12 @@ struct EvictionSpec {
     // H2O (policies.md §5.2) on every head: the `heavy_tokens` older tokens with the largest
     // accumulated attention plus the `recent_tokens` newest, at token granularity.
     kH2o = 3,
+    // TOVA (§5.4, score_eviction.h): the budget's tokens with the highest last-query attention.
+    kTova = 4,
+    // Key norm (score_eviction.h): `key_norm_recent_tokens` newest + lowest-norm, in the budget.
+    kKeyNorm = 5,
+    // Scissorhands (§5.3, score_eviction.h): drop the most often unimportant over the budget.
+    kScissorhands = 6,
   };
   // Default: kNone.
   Method method = Method::kNone;
@@ -66,9 +72,26 @@ struct EvictionSpec {
   int64_t heavy_tokens = 4;
   // kH2o: most recent tokens kept. Valid: >= 0. Default: 512 (the same class).
   int64_t h2o_recent_tokens = 512;
+  // kKeyNorm: newest tokens kept. Valid: >= 0. Default: 10.
+  int64_t key_norm_recent_tokens = 10;
+  // kScissorhands: w (>= 1; default 400), r (>= 0; default 10), m / B ([0, 1); default 0.5) and
+  // T (>= 1; default: the uniform budget's tokens).
+  int64_t scissorhands_history_window = 400;
+  int64_t scissorhands_recent_tokens = 10;
+  double scissorhands_drop_fraction = 0.5;
+  int64_t scissorhands_threshold_tokens = 0;
+  // PolicySpec.budget.uniform.tokens when the budget is uniform, else kUnlimitedTokens (per-layer
+  // and per-head budgets are the BudgetAllocator's). Read by the accounting (accounting.h).
+  int64_t uniform_budget_tokens = kUnlimitedTokens;
 };
 
-// "none", "streaming_llm", "duo_attention", "h2o": the registry names.
+// The TokenScorer registry name a method's scores need: "none" for the score-free methods,
+// "accumulated_attention" (H2O), "last_attention" (TOVA), "key_norm", "unimportance_count"
+// (Scissorhands).
+std::string_view ScorerNameFor(EvictionSpec::Method method);
+
+// "none", "streaming_llm", "duo_attention", "h2o", "tova", "key_norm", "scissorhands": the
+// registry names.
 std::string_view EvictionMethodName(EvictionSpec::Method method);
 
 // Resolves the eviction of `spec`:
@@ -76,10 +99,14 @@ std::string_view EvictionMethodName(EvictionSpec::Method method);
 //   eviction.streaming_llm, uniform roles           -> kStreamingLlm (every head)
 //   eviction.streaming_llm, duo_attention roles     -> kDuoAttention (streaming heads only)
 //   eviction unset, duo_attention roles             -> kDuoAttention with 64 + 256
+// (retrieval_scores roles behave as duo_attention roles in both rows)
 //   eviction unset, uniform roles                   -> kNone
 //   eviction.h2o                                    -> kH2o (every head, whatever its role)
+//   eviction.tova / key_norm / scissorhands         -> kTova / kKeyNorm / kScissorhands
 // Unset sink_tokens / recent_tokens take 64 / 256; unset H2O sizes 4 / 512. INVALID_ARGUMENT
-// for a negative count.
+// for a negative count, a parameter out of its range, or TOVA / key norm / Scissorhands without
+// PolicySpec.budget (they would keep everything), or Scissorhands without threshold_tokens and
+// a uniform budget to take it from.
 absl::StatusOr<EvictionSpec> ResolveEvictionSpec(const headwise::v1::PolicySpec& spec);
 
 // Keeps everything.
@@ -139,7 +166,9 @@ class DuoAttentionPolicy final : public ActionPolicy {
 //   topk(A over the tokens older than the `recent` newest held ones, heavy) ∪ the recent ones,
 // where A is the token score (AccumulatedAttentionScorer: attention summed over decode steps).
 // Ties in A keep the older token. Tokens are counted as held, so after drops the window is the
-// newest `recent` held tokens, as the authors' code slices its gathered cache.
+// newest `recent` held tokens, as the authors' code slices its gathered cache. With a head budget
+// B (HeadContext::budget_tokens) below heavy + recent the head keeps B: min(recent, B) recent
+// tokens and the rest heavy hitters.
 class H2oPolicy final : public ActionPolicy {
  public:
   struct Options {

@@ -11,6 +11,7 @@
 #include "cachesvc/base/bounded_file.h"
 #include "cachesvc/base/status_macros.h"
 #include "policies/pattern_directory.h"
+#include "policies/retrieval_roles.h"
 
 namespace headwise {
 
@@ -226,6 +227,8 @@ absl::StatusOr<HeadRoles> ResolveHeadRoles(const headwise::v1::HeadRolesSource& 
     case headwise::v1::HeadRolesSource::SOURCE_NOT_SET:
     case headwise::v1::HeadRolesSource::kUniform:
       return UniformRoles(layout);
+    case headwise::v1::HeadRolesSource::kRetrievalScores:
+      return RetrievalScoreRoleSource(source.retrieval_scores(), patterns).Resolve(layout);
     case headwise::v1::HeadRolesSource::kDuoAttention:
       break;
   }

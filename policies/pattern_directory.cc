@@ -107,6 +107,12 @@ absl::StatusOr<std::unique_ptr<PatternDirectory>> PatternDirectory::Open(const s
 }
 
 absl::StatusOr<std::string> PatternDirectory::ReadPattern(std::string_view name) const {
+  return ReadPatternFile(name, kPatternFileName, kMaxPatternFileBytes);
+}
+
+absl::StatusOr<std::string> PatternDirectory::ReadPatternFile(std::string_view name,
+                                                              const char* file_name,
+                                                              uint64_t max_bytes) const {
   RETURN_IF_ERROR(ValidatePatternName(name));
   int root;
   do {
@@ -121,9 +127,9 @@ absl::StatusOr<std::string> PatternDirectory::ReadPattern(std::string_view name)
     ASSIGN_OR_RETURN(dir, OpenComponent(dir.get(), component, name));
   }
   BoundedReadOptions options;
-  options.max_bytes = kMaxPatternFileBytes;
-  options.description = absl::StrCat(Quoted(name), " (", kPatternFileName, ")");
-  return ReadBoundedFileAt(dir.get(), kPatternFileName, options);
+  options.max_bytes = max_bytes;
+  options.description = absl::StrCat(Quoted(name), " (", file_name, ")");
+  return ReadBoundedFileAt(dir.get(), file_name, options);
 }
 
 absl::StatusOr<DuoAttentionGates> PatternDirectory::LoadGates(std::string_view name) const {

@@ -25,6 +25,11 @@ inline constexpr size_t kMaxPatternNameBytes = 256;
 // Largest pattern file read: 1 MiB. A 128-layer x 128-head matrix of "%.17g\t" values is about
 // 400 KiB; the shipped files are at most 26 KiB.
 inline constexpr uint64_t kMaxPatternFileBytes = kMaxGatesFileBytes;
+// The retrieval-score file a pattern directory may hold instead (or as well), in the Retrieval
+// Head / HeadKV JSON format (policies/retrieval_roles.h), and its size bound: 8 MiB (the files
+// keep one score per trial for every query head; Llama-2-7B's is about 1 MiB).
+inline constexpr char kRetrievalScoresFileName[] = "head_scores.json";
+inline constexpr uint64_t kMaxRetrievalScoresBytes = uint64_t{8} << 20;
 
 // Checks a pattern name: 1..kMaxPatternNameBytes bytes of components separated by single '/',
 // each component made of [A-Za-z0-9._=-] and neither "." nor ".."; no leading or trailing '/'.
@@ -54,6 +59,10 @@ class PatternDirectory {
   //                        file, or it is larger than kMaxPatternFileBytes;
   //   PERMISSION_DENIED / UNAVAILABLE / DATA_LOSS as ReadBoundedFile.
   absl::StatusOr<std::string> ReadPattern(std::string_view name) const;
+  // The same for the file `file_name` (a fixed name chosen by the caller, never by a client:
+  // kPatternFileName or kRetrievalScoresFileName) of at most `max_bytes`.
+  absl::StatusOr<std::string> ReadPatternFile(std::string_view name, const char* file_name,
+                                              uint64_t max_bytes) const;
 
   // ReadPattern, then ParseDuoAttentionGates with source "pattern '<name>'".
   absl::StatusOr<DuoAttentionGates> LoadGates(std::string_view name) const;

@@ -6,7 +6,10 @@
 #include "absl/strings/str_cat.h"
 #include "cachesvc/base/status_macros.h"
 #include "policies/basic_stages.h"
+#include "policies/budgets.h"
 #include "policies/eviction.h"
+#include "policies/retrieval_roles.h"
+#include "policies/score_eviction.h"
 
 namespace headwise {
 namespace {
@@ -25,17 +28,48 @@ void RegisterBuiltins(PolicyRegistry& r) {
          const StackEnv& env) -> absl::StatusOr<std::unique_ptr<RoleSource>> {
         return std::make_unique<DuoAttentionRoleSource>(spec.head_roles(), env.patterns);
       });
-  (void)r.Register<BudgetAllocator>(
-      "uniform",
-      [](const PolicySpec&, const StackEnv&) -> absl::StatusOr<std::unique_ptr<BudgetAllocator>> {
-        return std::make_unique<UniformBudget>();
+  (void)r.Register<RoleSource>(
+      "retrieval_scores",
+      [](const PolicySpec& spec,
+         const StackEnv& env) -> absl::StatusOr<std::unique_ptr<RoleSource>> {
+        return std::make_unique<RetrievalScoreRoleSource>(spec.head_roles().retrieval_scores(),
+                                                          env.patterns);
       });
+  // Every budget is built from PolicySpec.budget (the name only picks the entry).
+  for (const char* name : {"uniform", "pyramid_kv", "ada_kv", "head_kv"}) {
+    (void)r.Register<BudgetAllocator>(
+        name,
+        [](const PolicySpec& spec,
+           const StackEnv& env) -> absl::StatusOr<std::unique_ptr<BudgetAllocator>> {
+          return CreateBudgetAllocator(spec, *env.layout, env.patterns);
+        });
+  }
   (void)r.Register<TokenScorer>(
       "accumulated_attention",
       [](const PolicySpec&, const StackEnv&) -> absl::StatusOr<std::unique_ptr<TokenScorer>> {
         return std::make_unique<AccumulatedAttentionScorer>();
       });
-  for (const char* name : {"none", "streaming_llm", "duo_attention", "h2o"}) {
+  (void)r.Register<TokenScorer>(
+      "last_attention",
+      [](const PolicySpec&, const StackEnv&) -> absl::StatusOr<std::unique_ptr<TokenScorer>> {
+        return std::make_unique<LastAttentionScorer>();
+      });
+  (void)r.Register<TokenScorer>(
+      "key_norm",
+      [](const PolicySpec&, const StackEnv&) -> absl::StatusOr<std::unique_ptr<TokenScorer>> {
+        return std::make_unique<KeyNormScorer>();
+      });
+  (void)r.Register<TokenScorer>(
+      "unimportance_count",
+      [](const PolicySpec& spec, const StackEnv&) -> absl::StatusOr<std::unique_ptr<TokenScorer>> {
+        ASSIGN_OR_RETURN(const EvictionSpec e, ResolveEvictionSpec(spec));
+        ASSIGN_OR_RETURN(auto scorer, UnimportanceScorer::Create(
+                                          {.history_window = e.scissorhands_history_window,
+                                           .threshold_tokens = e.scissorhands_threshold_tokens}));
+        return std::unique_ptr<TokenScorer>(std::move(scorer));
+      });
+  for (const char* name :
+       {"none", "streaming_llm", "duo_attention", "h2o", "tova", "key_norm", "scissorhands"}) {
     (void)r.Register<ActionPolicy>(
         name,
         [](const PolicySpec& spec, const StackEnv&)
@@ -117,19 +151,20 @@ absl::StatusOr<std::unique_ptr<PolicyStack>> PolicyStack::Create(const PolicySpe
   if (env.layout == nullptr) return absl::InvalidArgumentError("StackEnv.layout is required");
   const PolicyRegistry& r = PolicyRegistry::Global();
   ASSIGN_OR_RETURN(const EvictionSpec eviction, ResolveEvictionSpec(spec));
-  const std::string roles_name =
-      spec.head_roles().source_case() == headwise::v1::HeadRolesSource::kDuoAttention
-          ? "duo_attention"
-          : "uniform";
+  std::string roles_name = "uniform";
+  if (spec.head_roles().has_duo_attention()) roles_name = "duo_attention";
+  if (spec.head_roles().has_retrieval_scores()) roles_name = "retrieval_scores";
   std::unique_ptr<PolicyStack> stack(new PolicyStack);
   ASSIGN_OR_RETURN(stack->roles_source_, r.Create<RoleSource>(roles_name, spec, env));
   ASSIGN_OR_RETURN(stack->roles_, stack->roles_source_->Resolve(*env.layout));
-  ASSIGN_OR_RETURN(stack->budgets_, r.Create<BudgetAllocator>("uniform", spec, env));
+  ASSIGN_OR_RETURN(stack->budgets_,
+                   r.Create<BudgetAllocator>(std::string(BudgetAllocatorName(spec)), spec, env));
   ASSIGN_OR_RETURN(
       stack->actions_,
       r.Create<ActionPolicy>(std::string(EvictionMethodName(eviction.method)), spec, env));
   if (stack->actions_->uses_scores()) {
-    ASSIGN_OR_RETURN(stack->scorer_, r.Create<TokenScorer>("accumulated_attention", spec, env));
+    ASSIGN_OR_RETURN(stack->scorer_,
+                     r.Create<TokenScorer>(std::string(ScorerNameFor(eviction.method)), spec, env));
   }
   const std::string selector =
       spec.selection().selector().empty() ? "all" : spec.selection().selector();

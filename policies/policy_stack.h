@@ -4,10 +4,14 @@
 //
 // Registry. Every stage implementation is registered under its name in PolicyRegistry::Global()
 // (the built-ins on first use). A PolicySpec names each stage implicitly:
-//   role source  head_roles oneof        "uniform" | "duo_attention"
-//   budget       (uniform for now)       "uniform"
-//   scorer       what the action needs   "none" | "accumulated_attention" (eviction.h2o)
-//   action       eviction (resolved)     "none" | "streaming_llm" | "duo_attention" | "h2o"
+//   role source  head_roles oneof        "uniform" | "duo_attention" | "retrieval_scores"
+//   budget       budget oneof            "uniform" (also when unset: unlimited) | "pyramid_kv" |
+//                                        "ada_kv" | "head_kv"
+//   scorer       what the action needs   "none" | "accumulated_attention" (h2o) |
+//                (ScorerNameFor)         "last_attention" (tova) | "key_norm" |
+//                                        "unimportance_count" (scissorhands)
+//   action       eviction (resolved)     "none" | "streaming_llm" | "duo_attention" | "h2o" |
+//                                        "tova" | "key_norm" | "scissorhands"
 //   selector     selection.selector      "all" (default) | any registered name
 //   prefetcher   placement               "next_units"
 // Tests and later methods register more factories under new names.

@@ -21,6 +21,7 @@
 #define HEADWISE_POLICIES_STAGES_H_
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -36,6 +37,11 @@ namespace headwise {
 
 // A head's token budget when nothing limits it.
 inline constexpr int64_t kUnlimitedTokens = -1;
+
+// The score of a token no attention statistic has reached yet (TokenScorer::InitialScore of the
+// attention-driven scorers that replace or count rather than sum): ranks above every real score,
+// so such tokens are kept until a query has seen them.
+inline constexpr float kUnscored = std::numeric_limits<float>::infinity();
 
 // What a stage sees of one (layer, kv head) of one sequence. Valid only during the call.
 struct HeadContext {
@@ -87,9 +93,13 @@ class BudgetAllocator {
   virtual std::string_view name() const = 0;
   virtual std::unique_ptr<BudgetAllocator> Clone() const = 0;
   // Writes the budget of each kv head of `layer` (out.size() == num_kv_heads) for a layer of
-  // `seq_len` tokens: a token count >= 0 or kUnlimitedTokens.
+  // `seq_len` tokens: a token count >= 0 or kUnlimitedTokens. `heads` is empty or holds the
+  // layer's heads (heads[h] is kv head h; their budget_tokens are not yet set), for allocators
+  // that read held tokens or token scores (AdaKV); those fall back to a score-free rule when it
+  // is empty or carries no scores.
   virtual void Allocate(const ModelLayout& layout, const HeadRoles& roles, LayerId layer,
-                        int64_t seq_len, absl::Span<int64_t> out) const = 0;
+                        int64_t seq_len, absl::Span<const HeadContext> heads,
+                        absl::Span<int64_t> out) const = 0;
 };
 
 // Which attention statistics a scorer needs from the kernels.
@@ -104,7 +114,9 @@ struct StatsNeeds {
 
 // How the importance of each held token evolves. The scores themselves live in the engine's page
 // table (one float per held token, moved with the token when pages are compacted and dropped
-// with it), so a scorer is only the update rule.
+// with it), so a scorer is only the update rule. Every scorer keeps "higher = more important",
+// so budget allocators (AdaKV) can rank any scorer's tokens; +infinity marks a token no
+// statistic has reached yet (kUnscored).
 class TokenScorer {
  public:
   virtual ~TokenScorer() = default;
