@@ -91,10 +91,9 @@ absl::Status Engine::PlanAppendAndActions(Sequence& s, int layer, StepPlan& plan
     plan.drops_known = false;
     return absl::OkStatus();
   }
-  std::vector<int64_t> budgets(H);
-  stack.budgets().Allocate(layout, stack.roles(), LayerId(layer), seq_len, absl::MakeSpan(budgets));
+  std::vector<HeadContext> heads(H);
   for (int h = 0; h < H; ++h) {
-    HeadContext head;
+    HeadContext& head = heads[h];
     head.layer = LayerId(layer);
     head.kv_head = HeadId(h);
     head.role = stack.roles().role(head.layer, head.kv_head);
@@ -102,8 +101,18 @@ absl::Status Engine::PlanAppendAndActions(Sequence& s, int layer, StepPlan& plan
     head.seq_len = seq_len;
     head.step = s.step;
     head.pages = after[h];
-    head.budget_tokens = budgets[h];
-    ASSIGN_OR_RETURN(const HeadActions actions, stack.actions().Decide(head));
+  }
+  std::vector<int64_t> budgets(H);
+  stack.budgets().Allocate(layout, stack.roles(), LayerId(layer), seq_len, heads,
+                           absl::MakeSpan(budgets));
+  std::vector<HeadActions> decided(H);
+  for (int h = 0; h < H; ++h) {
+    heads[h].budget_tokens = budgets[h];
+    ASSIGN_OR_RETURN(decided[h], stack.actions().Decide(heads[h]));
+  }
+  // Applied to the copies only after every head decided (the contexts point into them).
+  for (int h = 0; h < H; ++h) {
+    const HeadActions& actions = decided[h];
     plan.pages_dropped += static_cast<int64_t>(actions.drop_pages.size());
     for (auto it = actions.drop_pages.rbegin(); it != actions.drop_pages.rend(); ++it) {
       plan.tokens_dropped += after[h][*it].token_count;
