@@ -159,30 +159,39 @@ void AdaKvBudget::Allocate(const ModelLayout& /*layout*/, const HeadRoles& /*rol
     std::fill(out.begin(), out.end(), b);
     return;
   }
-  // (score, head, held index): the layer's tokens, best first under a total order.
+  // (score, head, held index): the layer's scored tokens, best first under a total order.
+  // Tokens no statistic has reached yet (kUnscored) are kept by the policies anyway: they win
+  // their own head's slots without competing (else a prefill's ties would all go to head 0).
   std::vector<std::tuple<float, int, int64_t>> tokens;
+  std::vector<int64_t> winners(out.size(), 0);
+  int64_t held = 0;
   for (size_t h = 0; h < heads.size(); ++h) {
     const HeadContext& head = heads[h];
     int64_t index = 0;
     for (size_t p = 0; p < head.pages.size(); ++p) {
-      for (int r = 0; r < head.pages[p].token_count; ++r) {
-        tokens.emplace_back(head.token_scores[p * head.page_tokens + r], static_cast<int>(h),
-                            index++);
+      for (int r = 0; r < head.pages[p].token_count; ++r, ++index, ++held) {
+        const float score = head.token_scores[p * head.page_tokens + r];
+        if (score == kUnscored) {
+          ++winners[h];
+        } else {
+          tokens.emplace_back(score, static_cast<int>(h), index);
+        }
       }
     }
   }
-  if (static_cast<int64_t>(tokens.size()) <= total) {
+  if (held <= total) {
     for (size_t h = 0; h < heads.size(); ++h) out[h] = HeldCount(heads[h]);
     return;
   }
+  const int64_t open = std::min<int64_t>(static_cast<int64_t>(tokens.size()),
+                                         std::max<int64_t>(0, total - (held - tokens.size())));
   const auto better = [](const auto& x, const auto& y) {
     if (std::get<0>(x) != std::get<0>(y)) return std::get<0>(x) > std::get<0>(y);
     return std::make_pair(std::get<1>(x), std::get<2>(x)) <
            std::make_pair(std::get<1>(y), std::get<2>(y));
   };
-  std::nth_element(tokens.begin(), tokens.begin() + (total - 1), tokens.end(), better);
-  std::vector<int64_t> winners(out.size(), 0);
-  for (int64_t i = 0; i < total; ++i) ++winners[std::get<1>(tokens[i])];
+  if (open > 0) std::nth_element(tokens.begin(), tokens.begin() + (open - 1), tokens.end(), better);
+  for (int64_t i = 0; i < open; ++i) ++winners[std::get<1>(tokens[i])];
   const double alpha = options_.floor_alpha;
   const double floor_part = std::floor(alpha * static_cast<double>(b));
   std::vector<double> exact(out.size());

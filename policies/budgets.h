@@ -23,7 +23,7 @@ class PatternDirectory;  // policies/pattern_directory.h
 
 // Integers close to `exact` (each >= 0) summing to at most `total`: round half up, then, while
 // the sum exceeds `total`, one token less for the entry rounded up the most (ties: the lower
-// index). REQUIRES: sum(exact) <= total.
+// index; entries at 0 are left alone). With sum(exact) <= total only round-ups are taken back.
 std::vector<int64_t> RoundWithinTotal(absl::Span<const double> exact, int64_t total);
 
 // PyramidKV (KVCache-Factory PyramidKVCluster) with the observation window folded into the
@@ -56,6 +56,8 @@ class PyramidKvBudget final : public BudgetAllocator {
 // Ada-KV (FFY0/AdaKV AdaptiveSnapKVCluster), over the stack's token scores: one top-k of size
 // H * B over the held tokens of every head of the layer (ties: lower head, then older token);
 // n_h = head h's winners; cap_h = round(n_h (1 - α) + floor(α B)) (RoundWithinTotal to H * B).
+// Tokens scored kUnscored (no statistic yet; the policies keep them) count as winners of their
+// own head and leave the rest of the H * B slots to the top-k over the scored ones.
 // When the layer holds at most H * B tokens every head keeps what it holds; without token
 // scores (a score-free eviction, or no heads given) every head gets B.
 class AdaKvBudget final : public BudgetAllocator {

@@ -99,6 +99,22 @@ TEST(AdaKvBudget, TiesGoToTheLowerHeadAndTheSumStaysWithinHB) {
   EXPECT_LE(Sum(caps), 4);
 }
 
+TEST(AdaKvBudget, UnscoredTokensWinTheirOwnHeadsSlots) {
+  // Head 0: 3 tokens no query has seen and 3 scored low; head 1: 6 scored high. B = 3, α = 0:
+  // head 0 wins its 3 unscored, the 3 open slots go to head 1's best: n = (3, 3).
+  const std::vector<TokenHead> heads = {
+      TokenHead({0.01f, 0.02f, 0.03f, kUnscored, kUnscored, kUnscored}, 4, 0),
+      TokenHead({0.5f, 0.4f, 0.3f, 0.2f, 0.2f, 0.2f}, 4, 1)};
+  auto ada = AdaKvBudget::Create({.tokens = 3, .floor_alpha = 0.0});
+  EXPECT_EQ(AdaAllocate(**ada, heads), (V{3, 3}));
+  // More unscored tokens than slots: head 0 keeps its 3 unscored; nothing open for head 1; the
+  // caps still sum to at most H * B.
+  ada = AdaKvBudget::Create({.tokens = 1, .floor_alpha = 0.0});
+  const V caps = AdaAllocate(**ada, heads);
+  EXPECT_LE(Sum(caps), 2);
+  EXPECT_EQ(caps[1], 0);
+}
+
 TEST(AdaKvBudget, WithoutScoresEveryHeadGetsB) {
   auto ada = AdaKvBudget::Create({.tokens = 7});
   ASSERT_TRUE(ada.ok());
