@@ -378,6 +378,9 @@ class Engine {
                      size_t page_begin = 0, size_t page_end = SIZE_MAX);
   static absl::Status WaitStaged(Staging& staging);
   static void Unpin(Staging& staging);
+  // Submits the host-to-device copy of `page` into device slot `dst_slot` for `out` (whose
+  // pools are set), pinning the page until the copy is waited for.
+  absl::Status SubmitCopy(PhysPage* page, uint64_t dst_slot, CopyPriority priority, Staging& out);
   // A fresh payload version (PhysPage::version).
   uint64_t NextVersion() { return next_version_.fetch_add(1, std::memory_order_relaxed); }
   // layer_offload's staging kept across calls (Sequence::layer_stage). REQUIRES: s.mu held.
@@ -410,6 +413,10 @@ class Engine {
   void ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k, const std::byte* v);
   void UndoAppend(Sequence& s, AppendPlan& plan);
   void ScoreAppendedKeys(Sequence& s, HeadTable& t, int h, int n, const std::byte* k);
+  // The end of every appending operation, given the status so far (`st`) and the decided
+  // actions: the applicable drops, the commit hook, then commit and apply, or undo on any error.
+  absl::Status FinishAppend(Sequence& s, AppendPlan& plan, absl::Status st,
+                            std::vector<HeadActions>& actions, const CommitHook* before_commit);
   // Ends an applied plan for good: releases the pages its copy-on-write copies replaced.
   void CommitAppend(Sequence& s, AppendPlan& plan);
   // The stack's decisions for every head of `layer` (pure), and applying them (cannot fail:

@@ -218,15 +218,23 @@ absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, co
   RETURN_IF_ERROR(PlanAppend(s, layer, num_tokens, plan));
   ApplyAppend(s, plan, k, v);
   std::vector<HeadActions> actions;
-  absl::Status st = DecideActions(s, layer, actions);
-  if (st.ok()) KeepApplicable(s, layer, actions);
-  if (st.ok() && before_commit != nullptr) st = (*before_commit)(LayerDropsOf(s, layer, actions));
+  return FinishAppend(s, plan, DecideActions(s, layer, actions), actions, before_commit);
+}
+
+absl::Status Engine::FinishAppend(Sequence& s, AppendPlan& plan, absl::Status st,
+                                  std::vector<HeadActions>& actions,
+                                  const CommitHook* before_commit) {
+  s.mu.AssertHeld();
+  if (st.ok()) KeepApplicable(s, plan.layer, actions);
+  if (st.ok() && before_commit != nullptr) {
+    st = (*before_commit)(LayerDropsOf(s, plan.layer, actions));
+  }
   if (!st.ok()) {
     UndoAppend(s, plan);
     return st;
   }
   CommitAppend(s, plan);
-  ApplyActions(s, layer, actions);
+  ApplyActions(s, plan.layer, actions);
   return absl::OkStatus();
 }
 

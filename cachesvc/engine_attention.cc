@@ -427,14 +427,7 @@ absl::Status Engine::DecodeStepLocked(Sequence& s, int layer, absl::Span<const f
     st = AttendLocked(s, layer, q.data(), o.data(), lse.data(), decide_after ? nullptr : &actions);
   }
   if (st.ok() && decide_after) st = DecideActions(s, layer, actions);
-  if (st.ok()) KeepApplicable(s, layer, actions);
-  if (st.ok() && before_commit != nullptr) st = (*before_commit)(LayerDropsOf(s, layer, actions));
-  if (!st.ok()) {
-    UndoAppend(s, plan);
-    return st;
-  }
-  CommitAppend(s, plan);
-  ApplyActions(s, layer, actions);
+  RETURN_IF_ERROR(FinishAppend(s, plan, st, actions, before_commit));
   if (layer_length != nullptr) *layer_length = s.layer_len[layer];
   return absl::OkStatus();
 }

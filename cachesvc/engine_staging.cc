@@ -112,38 +112,40 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
     }
   }
   out.active = true;
-  std::shared_ptr<Staging::CopyState> state = out.copy_state;
   size_t d = 0;
   for (int h = h_begin; h < h_end; ++h) {
     const HeadTable& t = s.table(layer, h);
     const auto [first, end] = range(h, t);
     for (size_t i = first; i < end; ++i) {
       PhysPage* p = t.phys[ordinal(h, i)];
-      MoveRequest move;
-      move.direction = CopyDirection::kHostToDevice;
-      move.priority = priority;
-      move.src_slot = p->slot;
-      move.dst_slot = dst[d];
       out.indices.push_back(static_cast<int32_t>(dst[d]));
-      ++d;
-      move.done = [state](absl::Status st) {
-        MutexLock lock(&state->mu);
-        if (state->status.ok()) state->status = std::move(st);
-      };
-      absl::Status fault = Fault("copy.submit");
-      absl::StatusOr<CopyTicket> ticket =
-          fault.ok() ? pools.copier->Submit(std::move(move)) : absl::StatusOr<CopyTicket>(fault);
-      if (!ticket.ok()) {
-        Unstage(out);
-        return ticket.status();
-      }
-      out.tickets.push_back(*ticket);
-      p->pins.fetch_add(1, std::memory_order_relaxed);
-      out.pinned.push_back(p);
       out.sources.push_back(p);
       out.versions.push_back(p->version);
+      if (absl::Status st = SubmitCopy(p, dst[d++], priority, out); !st.ok()) {
+        Unstage(out);
+        return st;
+      }
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::SubmitCopy(PhysPage* page, uint64_t dst_slot, CopyPriority priority,
+                                Staging& out) {
+  MoveRequest move;
+  move.direction = CopyDirection::kHostToDevice;
+  move.priority = priority;
+  move.src_slot = page->slot;
+  move.dst_slot = dst_slot;
+  move.done = [state = out.copy_state](absl::Status st) {
+    MutexLock lock(&state->mu);
+    if (state->status.ok()) state->status = std::move(st);
+  };
+  RETURN_IF_ERROR(Fault("copy.submit"));
+  ASSIGN_OR_RETURN(const CopyTicket ticket, out.pools->copier->Submit(std::move(move)));
+  out.tickets.push_back(ticket);
+  page->pins.fetch_add(1, std::memory_order_relaxed);
+  out.pinned.push_back(page);
   return absl::OkStatus();
 }
 
@@ -244,7 +246,6 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLi
   kept = Staging();
   // The pages that changed since they were staged (the tails appended to, new pages) are copied
   // now, at demand priority.
-  std::shared_ptr<Staging::CopyState> state = out.copy_state;
   for (const Missing& m : missing) {
     RETURN_IF_ERROR(Fault("alloc.device"));
     absl::StatusOr<Extent> one = pools.device->AllocateExtent(1);
@@ -255,25 +256,11 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLi
     }
     out.extents.push_back(*one);
     out.indices[m.entry] = static_cast<int32_t>(one->first_slot);
-    MoveRequest move;
-    move.direction = CopyDirection::kHostToDevice;
-    move.priority = CopyPriority::kDemandFetch;
-    move.src_slot = m.page->slot;
-    move.dst_slot = one->first_slot;
-    move.done = [state](absl::Status st) {
-      MutexLock lock(&state->mu);
-      if (state->status.ok()) state->status = std::move(st);
-    };
-    absl::Status fault = Fault("copy.submit");
-    absl::StatusOr<CopyTicket> ticket =
-        fault.ok() ? pools.copier->Submit(std::move(move)) : absl::StatusOr<CopyTicket>(fault);
-    if (!ticket.ok()) {
+    if (absl::Status st = SubmitCopy(m.page, one->first_slot, CopyPriority::kDemandFetch, out);
+        !st.ok()) {
       Unstage(out);
-      return ticket.status();
+      return st;
     }
-    out.tickets.push_back(*ticket);
-    m.page->pins.fetch_add(1, std::memory_order_relaxed);
-    out.pinned.push_back(m.page);
   }
   return absl::OkStatus();
 }
