@@ -57,8 +57,19 @@ if [ -f "$model_dir/stories260K.bin" ]; then
   # pages of the layout above (layouts of different page sizes share one daemon).
   "$bin/clients/llama2/headwise_llama2" "$model_dir/stories260K.bin" -z "$model_dir/tok512.bin" \
     -n 256 -t 0.8 -s 42 --target "unix:$PWD/$socket" --token "$HEADWISE_TOKEN"
+  section "policies compared on stories260K through headwised (64 tokens per head)"
+  # Greedy full-cache reference, then each policy teacher-forced over the same 256 tokens:
+  # next-token argmax agreement with the full cache, and the KV each held at the end.
+  "$bin/clients/llama2/headwise_llama2" "$model_dir/stories260K.bin" -z "$model_dir/tok512.bin" \
+    -n 256 --compare 64 --target "unix:$PWD/$socket" --token "$HEADWISE_TOKEN"
 else
   section "skipping the story: $model_dir is not beside this checkout"
+fi
+
+trace=../shared/data/traces/mooncake/conversation_trace.jsonl
+if [ -f "$trace" ]; then
+  section "prefix-cache policies on the Mooncake conversation trace (request-level replay)"
+  "$bin/cachesvc/cli/headwise" replay-requests --trace "$trace"
 fi
 
 section "cache stats"

@@ -7,12 +7,14 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "clients/llama2/checkpoint.h"
 #include "clients/llama2/embedded_backend.h"
+#include "clients/llama2/policy_compare.h"
 #include "clients/llama2/remote_backend.h"
 #include "clients/llama2/sampler.h"
 #include "clients/llama2/tokenizer.h"
@@ -34,7 +36,9 @@ constexpr char kUsage[] =
     "  --token <token>    daemon bearer token. Default dev-token\n"
     "  --sink <int>       StreamingLLM: attention-sink tokens kept (enables the policy)\n"
     "  --recent <int>     StreamingLLM: recent tokens kept (enables the policy)\n"
-    "  --page-tokens <n>  tokens per KV page, a power of two. Default 16\n";
+    "  --page-tokens <n>  tokens per KV page, a power of two. Default 16\n"
+    "  --compare <n>      compare policies instead of generating: greedy full-cache reference,\n"
+    "                     then StreamingLLM and H2O at <n> tokens per head, teacher-forced\n";
 
 struct Flags {
   std::string checkpoint;
@@ -50,6 +54,7 @@ struct Flags {
   int64_t sink = 4;
   int64_t recent = 64;
   int page_tokens = 16;
+  int compare_budget = 0;  // > 0: --compare.
 };
 
 absl::Status ParseFlags(int argc, char** argv, Flags& flags) {
@@ -92,6 +97,8 @@ absl::Status ParseFlags(int argc, char** argv, Flags& flags) {
     } else if (arg == "--recent") {
       ok = absl::SimpleAtoi(value, &flags.recent);
       flags.streaming = true;
+    } else if (arg == "--compare") {
+      ok = absl::SimpleAtoi(value, &flags.compare_budget) && flags.compare_budget >= 8;
     } else if (arg == "--page-tokens") {
       ok = absl::SimpleAtoi(value, &flags.page_tokens);
     } else if (arg == "--target") {
@@ -129,6 +136,19 @@ absl::Status Run(const Flags& flags) {
     absl::StatusOr<std::unique_ptr<RemoteBackend>> remote = RemoteBackend::Connect(client_options);
     if (!remote.ok()) return remote.status();
     backend = *std::move(remote);
+  }
+  if (flags.compare_budget > 0) {
+    absl::StatusOr<std::vector<ComparisonRow>> rows =
+        ComparePolicies(*checkpoint, *backend, flags.steps, flags.page_tokens,
+                        DefaultComparison(flags.compare_budget));
+    if (!rows.ok()) return rows.status();
+    std::printf("%-34s %9s %10s  %s\n", "policy", "argmax", "tok/s", "cache at the end");
+    for (const ComparisonRow& row : *rows) {
+      const std::string first_line = row.stats.substr(0, row.stats.find('\n'));
+      std::printf("%-34s %4d/%-4d %10.1f  %s\n", row.name.c_str(), row.agree, row.positions,
+                  row.tokens_per_second, first_line.c_str());
+    }
+    return absl::OkStatus();
   }
   TransformerOptions options;
   options.page_tokens = flags.page_tokens;
