@@ -66,8 +66,11 @@ absl::StatusOr<std::string> RemoteBackend::DescribeStats(const SequenceId& seq) 
   ASSIGN_OR_RETURN(client::Sequence remote, Find(seq));
   ASSIGN_OR_RETURN(headwise::v1::SequenceInfo info, client_->GetSequence(remote));
   ASSIGN_OR_RETURN(headwise::v1::StatsResponse stats, client_->Stats());
-  return absl::StrCat("sequence: ", info.ShortDebugString(),
-                      "\ndaemon: ", stats.ShortDebugString());
+  const int64_t length = info.layer_lengths().empty() ? 0 : info.layer_lengths(0);
+  return absl::StrCat("sequence: length ", length, ", pages ", info.pages(), " (",
+                      info.shared_pages(), " shared), device/host/disk bytes ", info.device_bytes(),
+                      "/", info.host_bytes(), "/", info.disk_bytes(), ", evicted pages ",
+                      info.evicted_pages(), "\ndaemon: ", stats.ShortDebugString());
 }
 
 }  // namespace headwise::llama2
