@@ -10,7 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "cachesvc/base/status_macros.h"
 #include "google/protobuf/struct.pb.h"
-#include "google/protobuf/util/json_util.h"
+#include "nlohmann/json.hpp"
 #include "policies/budgets.h"
 #include "policies/pattern_directory.h"
 
@@ -38,19 +38,18 @@ bool ParseKey(const std::string& key, int* layer, int* head) {
 }
 
 // The mean of a number or a list of numbers (0 for an empty list); false when not numbers.
-bool MeanOf(const google::protobuf::Value& value, double* mean) {
-  if (value.kind_case() == google::protobuf::Value::kNumberValue) {
-    *mean = value.number_value();
+bool MeanOf(const nlohmann::json& value, double* mean) {
+  if (value.is_number()) {
+    *mean = value.get<double>();
     return true;
   }
-  if (value.kind_case() != google::protobuf::Value::kListValue) return false;
+  if (!value.is_array()) return false;
   double sum = 0;
-  for (const google::protobuf::Value& v : value.list_value().values()) {
-    if (v.kind_case() != google::protobuf::Value::kNumberValue) return false;
-    sum += v.number_value();
+  for (const nlohmann::json& v : value) {
+    if (!v.is_number()) return false;
+    sum += v.get<double>();
   }
-  const int n = value.list_value().values_size();
-  *mean = n == 0 ? 0.0 : sum / n;
+  *mean = value.empty() ? 0.0 : sum / static_cast<double>(value.size());
   return true;
 }
 
@@ -59,9 +58,12 @@ bool MeanOf(const google::protobuf::Value& value, double* mean) {
 absl::StatusOr<InlineHeadScores> ParseRetrievalScores(std::string_view text,
                                                       const ModelLayout& layout,
                                                       std::string_view source) {
-  google::protobuf::Struct root;
-  // The parser's own message may quote the input: it is not passed on.
-  if (!google::protobuf::util::JsonStringToMessage(std::string(text), &root).ok()) {
+  // Parsed without exceptions; the parser's own message may quote the input, so none is passed
+  // on. (nlohmann-json, as the rest of the tree: protobuf's JSON parser misread numbers under
+  // ThreadSanitizer builds.)
+  const nlohmann::json root = nlohmann::json::parse(text.begin(), text.end(), /*cb=*/nullptr,
+                                                    /*allow_exceptions=*/false);
+  if (root.is_discarded() || !root.is_object()) {
     return absl::InvalidArgumentError(
         absl::StrCat(std::string(source), " is not a JSON object of \"<layer>-<head>\": [scores]"));
   }
@@ -72,7 +74,7 @@ absl::StatusOr<InlineHeadScores> ParseRetrievalScores(std::string_view text,
   std::vector<bool> seen(out.scores_size(), false);
   // Struct's map has no order; sort the keys so the first error is the same on every run.
   std::vector<std::string> keys;
-  for (const auto& [key, value] : root.fields()) keys.push_back(key);
+  for (const auto& [key, value] : root.items()) keys.push_back(key);
   std::sort(keys.begin(), keys.end());
   for (int entry = 0; entry < static_cast<int>(keys.size()); ++entry) {
     int layer = 0, head = 0;
@@ -89,7 +91,7 @@ absl::StatusOr<InlineHeadScores> ParseRetrievalScores(std::string_view text,
     if (seen[index]) return EntryError(source, entry, "(in key order) repeats a head");
     seen[index] = true;
     double mean = 0;
-    if (!MeanOf(root.fields().at(keys[entry]), &mean) || !std::isfinite(mean) || mean < 0) {
+    if (!MeanOf(root.at(keys[entry]), &mean) || !std::isfinite(mean) || mean < 0) {
       return EntryError(source, entry,
                         absl::StrFormat("(layer %d head %d): expected a number or a list of "
                                         "numbers with a finite mean >= 0",
