@@ -6,13 +6,20 @@
 //   - the same step in-process (Engine::Append + Engine::Attend, cachesvc/engine.h): the kernel
 //     and engine time with no RPC at all;
 //   - staged payload bandwidth (a 256-token Append, 1 MiB of K+V, through a staging region)
-//     against inline payloads and against memcpy of the same bytes.
+//     against inline payloads and against memcpy of the same bytes;
+//   - AppendLayers of a Llama-3-8B-shaped layout (32 layers): every layer of a chunk in one call
+//     from one staging region, at 16 MiB per call (128 tokens) and 1 MiB (8 tokens), against
+//     memcpy of the same bytes in the same run;
+//   - a bare gRPC callback service (Health answered on the gRPC thread: no auth, no worker pool)
+//     in this process on a Unix socket of the same kind: what gRPC alone costs here.
 // At the end it prints the ratio decode step / (empty call + in-process step); the target is
 // <= 1.5. bench/RESULTS.md ("## RPC") holds the latest figures.
 //
 //   build-client/bench/rpc_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only
 #include <benchmark/benchmark.h>
+#include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -25,6 +32,7 @@
 #include "cachesvc/base/layout.h"
 #include "cachesvc/engine.h"
 #include "clients/cpp/client.h"
+#include "headwise/v1/service.grpc.pb.h"
 #include "tests/e2e/daemon_process.h"
 
 namespace headwise {
@@ -39,6 +47,9 @@ constexpr int kContext = 4096;
 // 4096..4096+kRegrowSteps tokens.
 constexpr int kRegrowSteps = 64;
 constexpr int kBandwidthTokens = 256;
+// AppendLayers chunks of the 32-layer layout: 128 tokens = 16 MiB of K+V, 8 tokens = 1 MiB.
+constexpr int kChunkTokensLarge = 128;
+constexpr int kChunkTokensSmall = 8;
 
 ModelLayout LlamaLayer() {
   ModelLayout layout;
@@ -50,6 +61,25 @@ ModelLayout LlamaLayer() {
   layout.page_tokens = 64;
   return layout;
 }
+
+// Llama-3-8B: 32 layers of LlamaLayer().
+ModelLayout Llama3_8b() {
+  ModelLayout layout = LlamaLayer();
+  layout.num_layers = 32;
+  return layout;
+}
+
+// The bare gRPC service: Health finished on the gRPC thread.
+class BareService final : public headwise::v1::Headwise::CallbackService {
+  grpc::ServerUnaryReactor* Health(grpc::CallbackServerContext* ctx,
+                                   const headwise::v1::HealthRequest*,
+                                   headwise::v1::HealthResponse* response) override {
+    response->set_status("SERVING");
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+};
 
 std::vector<std::byte> RandomKv(std::mt19937& rng, const ModelLayout& layout, int tokens) {
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
@@ -84,6 +114,9 @@ struct World {
   std::vector<std::byte> k1, v1;              // One token.
   std::vector<std::byte> k_bulk, v_bulk;      // kBandwidthTokens tokens.
   std::vector<std::byte> prefix_k, prefix_v;  // kContext tokens.
+  BareService bare_service;
+  std::unique_ptr<grpc::Server> bare_server;
+  std::unique_ptr<headwise::v1::Headwise::Stub> bare_stub;
 };
 World* world = nullptr;
 
@@ -111,6 +144,18 @@ void BM_HealthEmptyCall(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_HealthEmptyCall)->UseRealTime()->Threads(1)->Threads(4)->Threads(16);
+
+void BM_BareGrpcEmptyCall(benchmark::State& state) {
+  for (auto _ : state) {
+    grpc::ClientContext context;
+    headwise::v1::HealthResponse response;
+    const grpc::Status status =
+        world->bare_stub->Health(&context, headwise::v1::HealthRequest(), &response);
+    if (!status.ok()) Check(absl::UnavailableError(status.error_message()), "bare Health");
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_BareGrpcEmptyCall)->UseRealTime()->Threads(1);
 
 void BM_DecodeStepInline(benchmark::State& state) {
   const Sequence seq = NewRemoteSequence();
@@ -235,11 +280,44 @@ void BM_AppendBulkInline(benchmark::State& state) { BulkAppend(state, false); }
 BENCHMARK(BM_AppendBulkStaged)->UseRealTime();
 BENCHMARK(BM_AppendBulkInline)->UseRealTime();
 
+// AppendLayers of state.range(0) tokens on every layer of the 32-layer layout, staged in one
+// region (layer-major); the sequence restarts from empty every 16 calls.
+void BM_AppendLayersStaged(benchmark::State& state) {
+  const int tokens = static_cast<int>(state.range(0));
+  const ModelLayout layout = Llama3_8b();
+  absl::StatusOr<Sequence> seq =
+      world->client->CreateSequence("llama3-8b", headwise::v1::PolicySpec(), false);
+  Check(seq.status(), "CreateSequence llama3-8b");
+  const uint64_t bytes = client::StagedLayersBytes(layout, tokens);
+  absl::StatusOr<StagingRegion> region = world->client->OpenStaging(bytes);
+  Check(region.status(), "OpenStaging");
+  std::mt19937 rng(7);
+  const std::vector<std::byte> kv = RandomKv(rng, layout, tokens);
+  for (uint64_t at = 0; at < bytes; at += kv.size()) {
+    std::memcpy(region->data() + at, kv.data(), kv.size());
+  }
+  int calls = 0;
+  for (auto _ : state) {
+    Check(world->client->AppendLayers(*seq, *region, 0, tokens).status(), "AppendLayers");
+    if (++calls % 16 == 0) {
+      state.PauseTiming();
+      Check(world->client->Truncate(*seq, 0), "Truncate");
+      state.ResumeTiming();
+    }
+  }
+  state.SetBytesProcessed(state.iterations() * bytes);
+  Check(world->client->Release(*seq), "Release");
+}
+BENCHMARK(BM_AppendLayersStaged)->UseRealTime()->Arg(kChunkTokensLarge)->Arg(kChunkTokensSmall);
+
+// memcpy of state.range(0) bytes (default: the 1 MiB of the 256-token Append).
 void BM_MemcpyBulk(benchmark::State& state) {
-  const size_t bytes = 2 * world->k_bulk.size();
+  const size_t bytes =
+      state.range(0) > 0 ? static_cast<size_t>(state.range(0)) : 2 * world->k_bulk.size();
   std::vector<std::byte> src(bytes), dst(bytes);
-  std::memcpy(src.data(), world->k_bulk.data(), bytes / 2);
-  std::memcpy(src.data() + bytes / 2, world->v_bulk.data(), bytes / 2);
+  for (size_t at = 0; at < bytes; at += world->k_bulk.size()) {
+    std::memcpy(src.data() + at, world->k_bulk.data(), std::min(bytes - at, world->k_bulk.size()));
+  }
   for (auto _ : state) {
     std::memcpy(dst.data(), src.data(), bytes);
     benchmark::DoNotOptimize(dst.data());
@@ -247,7 +325,7 @@ void BM_MemcpyBulk(benchmark::State& state) {
   }
   state.SetBytesProcessed(state.iterations() * bytes);
 }
-BENCHMARK(BM_MemcpyBulk)->UseRealTime();
+BENCHMARK(BM_MemcpyBulk)->UseRealTime()->Arg(0)->Arg(16 << 20);
 
 // Keeps the real time per iteration of each benchmark (the median when repeated) for the ratios.
 class RatioReporter : public benchmark::ConsoleReporter {
@@ -292,9 +370,24 @@ void PrintRatios(const RatioReporter& r) {
     std::printf("%-32s %8.1f us   / (empty + in-process step) = %.2f  (target <= 1.5)\n", name,
                 step * 1e6, step / (empty + local));
   }
+  const double bare = r.Seconds("BM_BareGrpcEmptyCall/real_time/threads:1");
+  if (bare > 0) {
+    std::printf("empty call / bare gRPC empty call (%.1f us) = %.2f  (target <= 1.3)\n", bare * 1e6,
+                empty / bare);
+  }
   const double staged = r.Bandwidth("BM_AppendBulkStaged/real_time");
   const double inline_bw = r.Bandwidth("BM_AppendBulkInline/real_time");
-  const double memcpy_bw = r.Bandwidth("BM_MemcpyBulk/real_time");
+  const double memcpy_bw = r.Bandwidth("BM_MemcpyBulk/0/real_time");
+  const double memcpy16_bw = r.Bandwidth("BM_MemcpyBulk/16777216/real_time");
+  const double layers16 = r.Bandwidth("BM_AppendLayersStaged/128/real_time");
+  const double layers1 = r.Bandwidth("BM_AppendLayersStaged/8/real_time");
+  if (memcpy16_bw > 0 && memcpy_bw > 0) {
+    std::printf(
+        "AppendLayers staged: 16 MiB/call %.2f GB/s = %.2f of memcpy 16 MiB (%.2f GB/s, target "
+        ">= 0.5); 1 MiB/call %.2f GB/s = %.2f of memcpy 1 MiB (%.2f GB/s, target >= 0.25)\n",
+        layers16 / 1e9, layers16 / memcpy16_bw, memcpy16_bw / 1e9, layers1 / 1e9,
+        layers1 / memcpy_bw, memcpy_bw / 1e9);
+  }
   if (memcpy_bw > 0) {
     std::printf(
         "staged append %.2f GB/s, inline append %.2f GB/s, memcpy %.2f GB/s: staged/memcpy "
@@ -333,6 +426,17 @@ int main(int argc, char** argv) {
   Check(c.status(), "connect");
   w.client = *std::move(c);
   Check(w.client->RegisterLayout("llama3-8b-layer", w.layout), "RegisterLayout");
+  Check(w.client->RegisterLayout("llama3-8b", Llama3_8b()), "RegisterLayout llama3-8b");
+  {
+    grpc::ServerBuilder builder;
+    const std::string bare_socket = "unix:" + w.dir->path() + "/bare.sock";
+    builder.AddListeningPort(bare_socket, grpc::InsecureServerCredentials());
+    builder.RegisterService(&w.bare_service);
+    w.bare_server = builder.BuildAndStart();
+    if (w.bare_server == nullptr) Check(absl::InternalError("cannot start"), "bare gRPC server");
+    w.bare_stub = headwise::v1::Headwise::NewStub(
+        grpc::CreateChannel(bare_socket, grpc::InsecureChannelCredentials()));
+  }
 
   EngineOptions engine_options;
   engine_options.device_budget_bytes = uint64_t{512} << 20;
@@ -346,6 +450,8 @@ int main(int argc, char** argv) {
   benchmark::RunSpecifiedBenchmarks(&reporter);
   PrintRatios(reporter);
   w.client.reset();
+  w.bare_stub.reset();
+  w.bare_server->Shutdown();
   Check(w.daemon->Terminate().status(), "stop headwised");
   benchmark::Shutdown();
   return 0;

@@ -30,8 +30,9 @@
 // then a shard lock; the engine's own locks are inner to all of them.
 //
 // Files: headwise_service.cc (plumbing, sequence lifecycle, gRPC entry points), service_steps.cc
-// (Append, Attend, Prefill, DecodeStep), service_batch.cc (DecodeStepBatch), service_restore.cc
-// (Restore), decode_stream.cc (the DecodeStream reactor), tensor_io.h (validation and I/O).
+// (Append, Attend, Prefill, DecodeStep), service_bulk.cc (AppendLayers), service_batch.cc
+// (DecodeStepBatch), service_restore.cc (Restore), decode_stream.cc (the DecodeStream reactor),
+// tensor_io.h (validation and I/O).
 #ifndef HEADWISE_CACHESVC_SERVICE_HEADWISE_SERVICE_H_
 #define HEADWISE_CACHESVC_SERVICE_HEADWISE_SERVICE_H_
 
@@ -126,6 +127,9 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   grpc::ServerUnaryReactor* Append(grpc::CallbackServerContext* ctx,
                                    const headwise::v1::AppendRequest* request,
                                    headwise::v1::AppendResponse* response) override;
+  grpc::ServerUnaryReactor* AppendLayers(grpc::CallbackServerContext* ctx,
+                                         const headwise::v1::AppendLayersRequest* request,
+                                         headwise::v1::AppendLayersResponse* response) override;
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* ctx,
                                    const headwise::v1::AttendRequest* request,
                                    headwise::v1::AttendResponse* response) override;
@@ -295,6 +299,18 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
                       headwise::v1::ForkResponse* response);
   absl::Status DoAppend(const Tenant& tenant, const headwise::v1::AppendRequest& request,
                         headwise::v1::AppendResponse* response);
+  // AppendLayers (service_bulk.cc): every layer of one chunk, all or nothing.
+  struct BulkLayers;
+  absl::Status DoAppendLayers(const Tenant& tenant,
+                              const headwise::v1::AppendLayersRequest& request,
+                              headwise::v1::AppendLayersResponse* response);
+  absl::StatusOr<BulkLayers> BulkInputs(const Tenant& tenant, const ModelLayout& layout,
+                                        const headwise::v1::AppendLayersRequest& request) const;
+  // Appends every layer in order (one PutAppends for a durable sequence); on a refusal truncates
+  // the layers already appended back to `length` and unlogs the ops.
+  absl::Status AppendEveryLayer(SequenceEntry& entry, const BulkLayers& in, int64_t length,
+                                int64_t evicted_before, uint64_t step_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
   absl::Status DoAttend(const Tenant& tenant, const headwise::v1::AttendRequest& request,
                         headwise::v1::AttendResponse* response);
   absl::Status DoPrefill(const Tenant& tenant, const headwise::v1::PrefillRequest& request,

@@ -318,6 +318,44 @@ absl::StatusOr<int64_t> Client::Append(const Sequence& seq, int layer, const Sta
   return response.layer_length();
 }
 
+absl::StatusOr<int64_t> Client::AppendLayers(const Sequence& seq,
+                                             absl::Span<const absl::Span<const std::byte>> k,
+                                             absl::Span<const absl::Span<const std::byte>> v,
+                                             int num_tokens, uint64_t step_id) {
+  v1::AppendLayersRequest request;
+  request.set_handle(seq.handle());
+  request.set_num_tokens(num_tokens);
+  auto* layers = request.mutable_inline_layers();
+  for (absl::Span<const std::byte> bytes : k) {
+    layers->add_k(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  }
+  for (absl::Span<const std::byte> bytes : v) {
+    layers->add_v(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  }
+  return SendAppendLayers(request, step_id);
+}
+
+absl::StatusOr<int64_t> Client::AppendLayers(const Sequence& seq, const StagingRegion& region,
+                                             uint64_t offset, int num_tokens, uint64_t step_id) {
+  v1::AppendLayersRequest request;
+  request.set_handle(seq.handle());
+  request.set_num_tokens(num_tokens);
+  request.mutable_staged_layers()->set_region_id(region.id());
+  request.mutable_staged_layers()->set_offset(offset);
+  return SendAppendLayers(request, step_id);
+}
+
+absl::StatusOr<int64_t> Client::SendAppendLayers(v1::AppendLayersRequest& request,
+                                                 uint64_t step_id) {
+  request.set_step_id(StepId(step_id));
+  v1::AppendLayersResponse response;
+  const bool retry = request.step_id() != 0;
+  RETURN_IF_ERROR(connection_->Call(retry, [&](Stub& stub, grpc::ClientContext& context) {
+    return stub.AppendLayers(&context, request, &response);
+  }));
+  return response.length();
+}
+
 absl::StatusOr<AttendOutput> Client::Attend(const Sequence& seq, int layer,
                                             absl::Span<const float> q) {
   v1::AttendRequest request;

@@ -44,6 +44,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "cachesvc/base/dtype.h"
 #include "cachesvc/base/layout.h"
 #include "headwise/v1/policy.pb.h"
 #include "headwise/v1/service.pb.h"
@@ -90,6 +91,16 @@ struct ClientOptions {
   // the read-only calls. False: no id is sent for them and they are sent once. Default: true.
   bool step_ids = true;
 };
+
+// The bytes of one layer's K (or V) of `num_tokens` tokens, and of a staged AppendLayers payload
+// (K and V of every layer).
+inline uint64_t LayerKvBytes(const ModelLayout& layout, int num_tokens) {
+  return static_cast<uint64_t>(num_tokens) * layout.num_kv_heads * layout.head_dim *
+         DTypeSize(layout.dtype);
+}
+inline uint64_t StagedLayersBytes(const ModelLayout& layout, int num_tokens) {
+  return 2 * static_cast<uint64_t>(layout.num_layers) * LayerKvBytes(layout, num_tokens);
+}
 
 // A sequence handle: the daemon's 32-hex-digit handle plus the layout it was created with (the
 // client needs the layout to describe tensor shapes). A small value type; copying it does not
@@ -239,6 +250,21 @@ class Client {
                                  uint64_t k_offset, uint64_t v_offset, int num_tokens,
                                  uint64_t step_id = 0);
 
+  // Appends `num_tokens` tokens to EVERY layer in one call (AppendLayers in service.proto):
+  // k[l], v[l] are layer l's [num_tokens][num_kv_heads][head_dim] bytes in the layout dtype
+  // (exactly num_layers of each). One step of the append rule on every layer, all or nothing
+  // across layers: a refusal leaves every layer as it was. FAILED_PRECONDITION while a step is in
+  // progress (layers at different lengths). Returns the sequence length after the call.
+  absl::StatusOr<int64_t> AppendLayers(const Sequence& seq,
+                                       absl::Span<const absl::Span<const std::byte>> k,
+                                       absl::Span<const absl::Span<const std::byte>> v,
+                                       int num_tokens, uint64_t step_id = 0);
+  // The same with every layer's K and V already written into `region` from `offset`,
+  // layer-major: K of layer 0, V of layer 0, K of layer 1, ... (StagedLayersBytes in all; layer
+  // l's K at offset + 2 * l * KvBytes and its V right after it).
+  absl::StatusOr<int64_t> AppendLayers(const Sequence& seq, const StagingRegion& region,
+                                       uint64_t offset, int num_tokens, uint64_t step_id = 0);
+
   // Decode attention of q ([num_q_heads][head_dim] f32) over the layer's cached tokens.
   absl::StatusOr<AttendOutput> Attend(const Sequence& seq, int layer, absl::Span<const float> q);
   // The same with q read from `region` at q_offset and o, lse written at out_offset.
@@ -302,6 +328,9 @@ class Client {
   Client(const ClientOptions& options, std::shared_ptr<internal::Connection> connection);
   // `requested` when non-zero; else a fresh id when options_.step_ids; else 0 (none).
   uint64_t StepId(uint64_t requested);
+  // Sets the step id and sends one AppendLayers request.
+  absl::StatusOr<int64_t> SendAppendLayers(headwise::v1::AppendLayersRequest& request,
+                                           uint64_t step_id);
 
   const ClientOptions options_;
   std::atomic<uint64_t> next_step_id_;

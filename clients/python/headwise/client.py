@@ -153,6 +153,10 @@ class Layout:
         """Bytes of one K (or V) tensor of num_tokens tokens."""
         return num_tokens * self.num_kv_heads * self.head_dim * self.np_dtype.itemsize
 
+    def staged_layers_bytes(self, num_tokens: int) -> int:
+        """Bytes of a staged append_layers payload: K and V of every layer, num_tokens each."""
+        return 2 * self.num_layers * self.kv_bytes(num_tokens)
+
     def q_bytes(self, num_tokens: int = 1) -> int:
         return num_tokens * self.num_q_heads * self.head_dim * 4
 
@@ -798,6 +802,31 @@ class Client:
             v=_inline(layout.dtype_proto, v), step_id=sid), idempotent=sid != 0)
         return response.layer_length
 
+    def append_layers(self, seq: Sequence, k: Any, v: Any,
+                      step_id: Optional[int] = None) -> int:
+        """Appends one chunk of T tokens to EVERY layer in one call; returns the sequence length.
+
+        k, v: [num_layers, T, kv_heads, head_dim] in the layout dtype (or a list of num_layers
+        [T, kv_heads, head_dim] arrays). One step of the append rule on every layer, all or
+        nothing: a refusal leaves every layer as it was. FAILED_PRECONDITION while a step is in
+        progress (layers at different lengths).
+        """
+        layout = _layout(seq)
+        ks, vs = list(k), list(v)
+        if len(ks) != layout.num_layers or len(vs) != layout.num_layers:
+            raise ValueError(f"append_layers needs {layout.num_layers} layers of k and v, got "
+                             f"{len(ks)} and {len(vs)}")
+        pairs = [_check_kv(layout, kl, vl) for kl, vl in zip(ks, vs)]
+        tokens = pairs[0][0].shape[0]
+        if any(kl.shape[0] != tokens for kl, _ in pairs):
+            raise ValueError("append_layers needs the same token count on every layer")
+        sid = self._step_id(step_id)
+        request = service_pb2.AppendLayersRequest(handle=seq.handle, num_tokens=tokens,
+                                                  step_id=sid)
+        request.inline_layers.k.extend(kl.tobytes() for kl, _ in pairs)
+        request.inline_layers.v.extend(vl.tobytes() for _, vl in pairs)
+        return self._conn.call("AppendLayers", request, idempotent=sid != 0).length
+
     def attend(self, seq: Sequence, layer: int, q: Any) -> AttendOutput:
         """Decode attention of q ([q_heads, head_dim]) over the layer's cached tokens."""
         layout = _layout(seq)
@@ -920,6 +949,29 @@ class Client:
             v=_staged(layout.dtype_proto, shape, region, v_offset, nbytes), step_id=sid),
             idempotent=sid != 0)
         return response.layer_length
+
+    def append_layers_staged(self, seq: Sequence, region: StagingRegion, offset: int,
+                             num_tokens: int, step_id: Optional[int] = None) -> int:
+        """append_layers with every layer's K and V already in `region` from `offset`.
+
+        Layer-major: K of layer 0, V of layer 0, K of layer 1, ... -- a C-contiguous
+        [num_layers, 2, T, kv_heads, head_dim] array of the layout dtype, so
+        ``region.array(offset, (L, 2, T, H, D), dtype)[:, 0] = k`` and ``[:, 1] = v`` fill it
+        (layout.staged_layers_bytes(T) bytes). Returns the sequence length after the call.
+        """
+        layout = _layout(seq)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) \
+                or num_tokens < 1:
+            raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+        _check_region(region)
+        offset = region._check_range(offset, layout.staged_layers_bytes(int(num_tokens)),
+                                     "layers")
+        sid = self._step_id(step_id)
+        request = service_pb2.AppendLayersRequest(handle=seq.handle, num_tokens=int(num_tokens),
+                                                  step_id=sid)
+        request.staged_layers.region_id = region.id
+        request.staged_layers.offset = offset
+        return self._conn.call("AppendLayers", request, idempotent=sid != 0).length
 
     def attend_staged(self, seq: Sequence, layer: int, region: StagingRegion, q_offset: int,
                       out_offset: int) -> StagedOutput:
