@@ -24,6 +24,26 @@ void MoveRow(const std::byte* src, int from, std::byte* dst, int to, int page_to
                src + (int64_t{page_tokens} + from) * row_bytes, row_bytes);
 }
 
+// Copies n rows of row_bytes each from src (rows src_stride bytes apart) to dst (contiguous). The
+// common row sizes get a constant-size memcpy the compiler inlines.
+template <int64_t kRowBytes>
+void CopyFixedRows(std::byte* dst, const std::byte* src, int n, int64_t src_stride) {
+  for (int r = 0; r < n; ++r) std::memcpy(dst + r * kRowBytes, src + r * src_stride, kRowBytes);
+}
+
+void CopyRows(std::byte* dst, const std::byte* src, int n, int64_t src_stride, int64_t row_bytes) {
+  switch (row_bytes) {
+    case 128:
+      return CopyFixedRows<128>(dst, src, n, src_stride);
+    case 256:
+      return CopyFixedRows<256>(dst, src, n, src_stride);
+    case 512:
+      return CopyFixedRows<512>(dst, src, n, src_stride);
+    default:
+      for (int r = 0; r < n; ++r) std::memcpy(dst + r * row_bytes, src + r * src_stride, row_bytes);
+  }
+}
+
 }  // namespace
 
 absl::Status Engine::Fault(std::string_view point) const {
@@ -109,7 +129,9 @@ void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k, cons
       s.Track(plan.home, 1);
       cow_copies_.fetch_add(1, std::memory_order_relaxed);
     }
-    for (int64_t i = 0; i < plan.num_tokens; ++i) {
+    // One run of rows per page: the page's bookkeeping once per run, then a tight row copy
+    // (a source row every H rows).
+    for (int64_t i = 0; i < plan.num_tokens;) {
       if (t.meta.empty() || t.meta.back().token_count == P) {
         t.phys.push_back(NewPage(plan.home, hp.slots[next_slot++]));
         s.Track(plan.home, 1);
@@ -121,13 +143,20 @@ void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k, cons
       PageMeta& m = t.meta.back();
       std::byte* page = pool->SlotAddress(t.phys.back()->slot);
       const int row = m.token_count;
-      if (row == 0 || i == 0) t.phys.back()->version = NextVersion();
-      std::memcpy(page + row * row_bytes, k + (i * H + h) * row_bytes, row_bytes);
-      std::memcpy(page + (int64_t{P} + row) * row_bytes, v + (i * H + h) * row_bytes, row_bytes);
-      if (!m.positions.empty()) m.positions.push_back(plan.start + i);
-      if (!t.scores.empty()) t.scores[(t.meta.size() - 1) * P + row] = initial;
-      ++m.token_count;
+      const int n = static_cast<int>(std::min<int64_t>(P - row, plan.num_tokens - i));
+      t.phys.back()->version = NextVersion();  // The run starts at row 0 or at i == 0.
+      const int64_t src = (i * H + h) * row_bytes;
+      CopyRows(page + row * row_bytes, k + src, n, H * row_bytes, row_bytes);
+      CopyRows(page + (int64_t{P} + row) * row_bytes, v + src, n, H * row_bytes, row_bytes);
+      if (!m.positions.empty()) {
+        for (int r = 0; r < n; ++r) m.positions.push_back(plan.start + i + r);
+      }
+      if (!t.scores.empty()) {
+        std::fill_n(t.scores.begin() + (t.meta.size() - 1) * P + row, n, initial);
+      }
+      m.token_count += n;
       m.last_touched_step = s.step;
+      i += n;
     }
     t.tokens += plan.num_tokens;
     if (!t.scores.empty() && s.stack->scorer()->needs().appended_keys) {
