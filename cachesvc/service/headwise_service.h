@@ -2,8 +2,8 @@
 //
 // Threading: every RPC method runs on a gRPC thread and only authenticates (a constant-time
 // token compare) and hands the request to the WorkerPool; the worker does the engine work and
-// finishes the reactor. DecodeStream runs one step at a time per stream: read, work on the pool,
-// write, read again.
+// finishes the reactor (Health, which does no engine work, is answered on the gRPC thread).
+// DecodeStream runs one step at a time per stream: read, work on the pool, write, read again.
 //
 // Tenancy: a tenant is authenticated from the `authorization: Bearer <token>` metadata of every
 // call. Layout names, sequence handles and staging regions are scoped to their tenant; another
