@@ -217,15 +217,18 @@ TEST_F(BulkTest, AStepInProgressIsAFailedPreconditionAndChangesNothing) {
 }
 
 TEST_F(BulkTest, QuotaCountsEveryLayerAndARefusalChangesNothing) {
-  // 8 tokens: 1 KiB of K and 1 KiB of V per layer, 4 KiB for both layers; each layer alone
-  // (2 KiB) would pass a 3 KiB quota, the call as a whole does not.
-  config_.mutable_tenants(0)->mutable_quota()->set_max_device_bytes(3 * 1024);
+  // 16 tokens = one whole 16-token page per KV head: 4 KiB of K and V per layer (payload and
+  // pages alike), 8 KiB for both layers. One layer fits a 6 KiB quota; the call as a whole does
+  // not.
+  config_.mutable_tenants(0)->mutable_quota()->set_max_device_bytes(6 * 1024);
   StartServer();
   RegisterLayout();
   const std::string handle = CreateSequence();
-  EXPECT_EQ(AppendLayers(InlineRequest(handle, RandomChunk(8, 4))).error_code(),
+  const Chunk c = RandomChunk(16, 4);
+  EXPECT_EQ(AppendLayers(InlineRequest(handle, c)).error_code(),
             grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_EQ(Lengths(handle), (std::vector<int64_t>{0, 0}));
+  EXPECT_TRUE(Append(handle, 0, c.k[0], c.v[0], 16).ok());  // One layer alone fits.
 }
 
 // A refusal of layer 1 after layer 0 was appended: layer 0 is rolled back, the log holds
