@@ -86,9 +86,10 @@ absl::StatusOr<DuoAttentionGates> GatesFromMatrix(int num_layers, int num_kv_hea
         "gate matrix must have positive rows and columns, got %d x %d", num_layers, num_kv_heads));
   }
   if (values.size() != static_cast<size_t>(num_layers) * num_kv_heads) {
-    return absl::InvalidArgumentError(absl::StrFormat("gate matrix %d x %d needs %d values, got %d",
-                                                      num_layers, num_kv_heads,
-                                                      num_layers * num_kv_heads, values.size()));
+    // The product in 64 bits: two int32 sizes may overflow an int.
+    return absl::InvalidArgumentError(
+        absl::StrFormat("gate matrix %d x %d needs %d values, got %d", num_layers, num_kv_heads,
+                        static_cast<int64_t>(num_layers) * num_kv_heads, values.size()));
   }
   DuoAttentionGates gates;
   gates.num_layers = num_layers;

@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "cachesvc/cli/plan_command.h"
 #include "cachesvc/planner/byte_size.h"
+#include "cachesvc/service/config.h"
 #include "clients/cpp/client.h"
 #include "nlohmann/json.hpp"
 
@@ -32,6 +33,8 @@ struct Invocation {
   ClientOptions options;
   bool json = false;
   bool help = false;
+  std::string token_file;   // --token_file: read by Prepare.
+  bool token_flag = false;  // --token was given (Prepare warns).
 };
 
 // `--name=value`, `--name value`, boolean `--json`/`--help`/`-h`.
@@ -58,7 +61,8 @@ absl::StatusOr<Invocation> ParseArgs(const std::vector<std::string>& args) {
       has_value = true;
     }
     const bool boolean = name == "json" || name == "help";
-    if (!boolean && name != "target" && name != "token" && name != "timeout") {
+    if (!boolean && name != "target" && name != "token" && name != "token_file" &&
+        name != "timeout") {
       return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
     }
     if (boolean && has_value) {
@@ -76,7 +80,11 @@ absl::StatusOr<Invocation> ParseArgs(const std::vector<std::string>& args) {
     if (name == "json") inv.json = true;
     if (name == "help") inv.help = true;
     if (name == "target") inv.options.target = value;
-    if (name == "token") inv.options.token = value;
+    if (name == "token") {
+      inv.options.token = value;
+      inv.token_flag = true;
+    }
+    if (name == "token_file") inv.token_file = value;
     if (name == "timeout") {
       double seconds = 0;
       if (!absl::SimpleAtod(value, &seconds) || !(seconds > 0)) {
@@ -87,6 +95,12 @@ absl::StatusOr<Invocation> ParseArgs(const std::vector<std::string>& args) {
     }
   }
   if (inv.options.target.empty()) return absl::InvalidArgumentError("--target is empty");
+  if (inv.token_flag && seen.contains("token_file")) {
+    return absl::InvalidArgumentError("give --token_file or --token, not both");
+  }
+  if (seen.contains("token_file") && inv.token_file.empty()) {
+    return absl::InvalidArgumentError("--token_file is empty");
+  }
   if (inv.options.token.empty()) return absl::InvalidArgumentError("--token is empty");
   return inv;
 }
@@ -97,9 +111,11 @@ std::string CommonFlags() {
       "                    (default ",
       client::kDefaultTarget,
       ")\n"
-      "  --token=TOKEN     bearer token of the tenant (default $HEADWISE_TOKEN, else ",
+      "  --token_file=FILE file holding the tenant's bearer token (default $HEADWISE_TOKEN,\n"
+      "                    else ",
       client::kDefaultToken,
       ")\n"
+      "  --token=TOKEN     the token itself; warns: other local users can read command lines\n"
       "  --timeout=SECONDS deadline of each call (default 5)\n"
       "  --json            one JSON object instead of the table\n"
       "  --help            this text\n");
@@ -167,6 +183,16 @@ std::optional<Invocation> Prepare(const std::string& command, const std::string&
     out << usage;
     *exit_code = kExitOk;
     return std::nullopt;
+  }
+  if (inv->token_flag) err << "headwise " << command << ": warning: " << kTokenFlagWarning << "\n";
+  if (!inv->token_file.empty()) {
+    absl::StatusOr<std::string> token = ReadTokenFile(inv->token_file);
+    if (!token.ok()) {
+      err << "headwise " << command << ": " << token.status().message() << "\n";
+      *exit_code = kExitFailure;
+      return std::nullopt;
+    }
+    inv->options.token = *std::move(token);
   }
   return *std::move(inv);
 }

@@ -1,8 +1,9 @@
 // `headwised`: the Headwise daemon. Reads a DaemonConfig (--config, text-format protobuf; see
 // docs/daemon.md), lets flags override it, serves until SIGTERM or SIGINT, then shuts down
 // gracefully. With no config file it runs on embedded defaults: a Unix socket under ./var/, a
-// loopback metrics port, RocksDB under ./var/data and one tenant "default" whose token is
-// --token, else $HEADWISE_TOKEN, else "dev-token" (for local use only).
+// loopback metrics port, RocksDB under ./var/data and one tenant "default" whose token is read
+// from --token_file, else $HEADWISE_TOKEN, else "dev-token" (for local use only). --token still
+// works but warns: a command line is readable by every local user.
 #include <signal.h>
 
 #include <cstdio>
@@ -13,6 +14,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "cachesvc/service/config.h"
@@ -35,9 +37,13 @@ ABSL_FLAG(std::optional<std::string>, device_budget, std::nullopt,
           "Device tier bytes, e.g. 8GiB (overrides device_budget_bytes).");
 ABSL_FLAG(std::optional<std::string>, host_budget, std::nullopt,
           "Host tier bytes, e.g. 32GiB (overrides host_budget_bytes).");
+ABSL_FLAG(std::optional<std::string>, token_file, std::nullopt,
+          "File holding the token of the built-in 'default' tenant (used only when the config has "
+          "no tenants; surrounding whitespace stripped). Default: $HEADWISE_TOKEN, else "
+          "'dev-token' (local use only).");
 ABSL_FLAG(std::optional<std::string>, token, std::nullopt,
-          "Token of the built-in 'default' tenant (used only when the config has no tenants). "
-          "Default: $HEADWISE_TOKEN, else 'dev-token' (local use only).");
+          "The default tenant's token on the command line: visible to every local user, so it "
+          "warns; use --token_file or $HEADWISE_TOKEN.");
 
 namespace {
 
@@ -48,13 +54,33 @@ int Fail(const std::string& message) {
   return 1;
 }
 
+// The default tenant's token: --token_file, else --token (with a warning), else $HEADWISE_TOKEN,
+// else kDevToken. Both flags at once is an error.
+absl::StatusOr<std::string> DefaultToken(bool config_has_tenants) {
+  const std::optional<std::string> file = absl::GetFlag(FLAGS_token_file);
+  const std::optional<std::string> flag = absl::GetFlag(FLAGS_token);
+  if (file && flag) return absl::InvalidArgumentError("give --token_file or --token, not both");
+  if (config_has_tenants && (file || flag)) {
+    spdlog::warn("--token{} is ignored: the config names its tenants", file ? "_file" : "");
+  }
+  if (file) return headwise::ReadTokenFile(*file);
+  if (flag) {
+    spdlog::warn("headwised: {}", headwise::kTokenFlagWarning);
+    return *flag;
+  }
+  if (const char* env = std::getenv("HEADWISE_TOKEN"); env != nullptr && *env != '\0') {
+    return std::string(env);
+  }
+  return std::string(headwise::kDevToken);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "headwised [--config=FILE] [--socket=PATH] [--tcp=HOST:PORT] [--metrics=HOST:PORT] "
       "[--data_dir=DIR] [--pattern_dir=DIR] [--device_budget=BYTES] [--host_budget=BYTES] "
-      "[--token=TOKEN]");
+      "[--token_file=FILE]");
   absl::ParseCommandLine(argc, argv);
 
   // Block the stop signals in every thread (threads inherit the mask), so that only sigwait
@@ -88,13 +114,10 @@ int main(int argc, char** argv) {
     if (!bytes.ok()) return Fail(absl::StrCat("--host_budget: ", bytes.status().message()));
     config.set_host_budget_bytes(*bytes);
   }
-  std::string token = headwise::kDevToken;
-  if (const char* env = std::getenv("HEADWISE_TOKEN"); env != nullptr && *env != '\0') {
-    token = env;
-  }
-  if (auto v = absl::GetFlag(FLAGS_token)) token = *v;
+  absl::StatusOr<std::string> token = DefaultToken(config.tenants_size() > 0);
+  if (!token.ok()) return Fail(std::string(token.status().message()));
 
-  auto resolved = headwise::ResolveConfig(std::move(config), token);
+  auto resolved = headwise::ResolveConfig(std::move(config), *token);
   if (!resolved.ok()) return Fail(std::string(resolved.status().message()));
   spdlog::set_level(spdlog::level::from_str(resolved->log_level()));
   if (resolved->tenants_size() == 1 && resolved->tenants(0).token() == headwise::kDevToken) {

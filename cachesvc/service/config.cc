@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "cachesvc/base/bounded_file.h"
 #include "cachesvc/base/status_macros.h"
@@ -83,6 +84,25 @@ absl::StatusOr<DaemonConfig> LoadConfigFile(const std::string& path) {
   return config;
 }
 
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  BoundedReadOptions options;
+  options.max_bytes = kMaxTokenFileBytes;
+  options.follow_final_symlink = true;
+  options.description = absl::StrCat("token file '", path, "'");
+  ASSIGN_OR_RETURN(const std::string text, ReadBoundedFile(path, options));
+  const std::string token(absl::StripAsciiWhitespace(text));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("token file '", path, "' is empty"));
+  }
+  for (const char c : token) {
+    if (c < 0x21 || c > 0x7e) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token file '", path, "' holds a byte outside printable ASCII (a token is one word)"));
+    }
+  }
+  return token;
+}
+
 absl::StatusOr<DaemonConfig> ResolveConfig(DaemonConfig config, const std::string& default_token) {
   if (!config.has_unix_socket()) config.set_unix_socket(kDefaultUnixSocket);
   if (!config.has_metrics_address()) config.set_metrics_address(kDefaultMetricsAddress);
@@ -101,6 +121,7 @@ absl::StatusOr<DaemonConfig> ResolveConfig(DaemonConfig config, const std::strin
     auto* tenant = config.add_tenants();
     tenant->set_name("default");
     tenant->set_token(default_token.empty() ? kDevToken : default_token);
+    tenant->set_admin(true);  // The only tenant: nothing to hide from it.
   }
 
   if (config.unix_socket().empty() && config.tcp_address().empty()) {

@@ -31,9 +31,16 @@ inline constexpr int kDefaultCopyThreads = 2;
 inline constexpr uint64_t kMaxConfigFileBytes = uint64_t{1} << 20;
 // Largest TLS file (tls.cert_path, key_path, client_ca_path) the server reads.
 inline constexpr uint64_t kMaxTlsFileBytes = uint64_t{1} << 20;
-// The token of the built-in "default" tenant when neither --token nor $HEADWISE_TOKEN is given.
-// For local use only.
+// The token of the built-in "default" tenant when neither --token_file, --token nor
+// $HEADWISE_TOKEN is given. For local use only.
 inline constexpr char kDevToken[] = "dev-token";
+// Largest token file ReadTokenFile reads.
+inline constexpr uint64_t kMaxTokenFileBytes = 4096;
+// What the daemon and the CLI print when a token is given with --token: the command line is
+// readable by every local user (ps, /proc/<pid>/cmdline).
+inline constexpr char kTokenFlagWarning[] =
+    "--token puts the token on the command line, where every local user can read it (ps, "
+    "/proc/<pid>/cmdline); use --token_file=FILE or $HEADWISE_TOKEN instead";
 
 // Parses a text-format DaemonConfig. INVALID_ARGUMENT with the parser's line and column on a
 // syntax error or unknown field, and what was expected ("unknown field name", "expected
@@ -46,11 +53,18 @@ absl::StatusOr<headwise::v1::DaemonConfig> ParseConfigText(const std::string& te
 // is too large, INVALID_ARGUMENT (line and column, no text quoted) when it does not parse.
 absl::StatusOr<headwise::v1::DaemonConfig> LoadConfigFile(const std::string& path);
 
+// Reads a bearer token from the file at `path` (--token_file): a regular file of at most
+// kMaxTokenFileBytes (a symbolic link is followed: secret stores link their files), surrounding
+// whitespace such as the trailing newline stripped. INVALID_ARGUMENT when what remains is empty or
+// holds a byte outside printable ASCII (0x21..0x7e); the errors of ReadBoundedFile otherwise. No
+// message quotes the file's contents.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
+
 // Returns `config` with every optional field set to its value or default, and, when it has no
-// tenants, the "default" tenant with `default_token` (callers pass --token, $HEADWISE_TOKEN or
-// kDevToken). Then checks it: INVALID_ARGUMENT for zero budgets or sizes, no listener at all,
-// a non-loopback address without allow_non_loopback, half a TLS key pair, duplicate or empty
-// tenant names/tokens, an unknown log level.
+// tenants, the "default" tenant (an admin) with `default_token` (callers pass --token_file,
+// --token, $HEADWISE_TOKEN or kDevToken). Then checks it: INVALID_ARGUMENT for zero budgets or
+// sizes, no listener at all, a non-loopback address without allow_non_loopback, half a TLS key
+// pair, duplicate or empty tenant names/tokens, an unknown log level.
 absl::StatusOr<headwise::v1::DaemonConfig> ResolveConfig(headwise::v1::DaemonConfig config,
                                                          const std::string& default_token);
 

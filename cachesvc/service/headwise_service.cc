@@ -40,7 +40,7 @@ HeadwiseService::HeadwiseService(const HeadwiseServiceOptions& options)
       engine_(options.engine),
       workers_(std::make_unique<WorkerPool>(options.worker_threads)) {
   for (const auto& tenant : options_.tenants->tenants()) {
-    tenant_states_[tenant.get()] = std::make_unique<TenantState>();
+    tenant_states_[tenant.get()] = std::make_unique<TenantState>(*tenant);
   }
 }
 
@@ -108,37 +108,32 @@ std::shared_ptr<HeadwiseService::SequenceEntry> HeadwiseService::InsertSequence(
   return entry;
 }
 
-absl::StatusOr<SequenceStats> HeadwiseService::UpdateUsage(SequenceEntry& entry) {
+absl::StatusOr<SequenceStats> HeadwiseService::UpdateUsage(SequenceEntry& entry,
+                                                           TierLedger::Reservation* reserved) {
   absl::StatusOr<SequenceStats> stats =
       entry.released ? absl::StatusOr<SequenceStats>(NoSequence(entry.handle))
                      : engine_->GetSequenceStats(entry.engine_id, StatsDetail::kUsage);
-  std::array<int64_t, 3> now = {0, 0, 0};
-  if (stats.ok()) now = {stats->device_bytes, stats->host_bytes, stats->disk_bytes};
-  TenantState& state = StateOf(*entry.tenant);
-  absl::MutexLock lock(&state.mu);
-  for (int t = 0; t < 3; ++t) {
-    state.tier_bytes[t] += now[t] - entry.tier_bytes[t];
-    entry.tier_bytes[t] = now[t];
+  TierLedger::PerTier bytes = {0, 0, 0}, pages = {0, 0, 0};
+  if (stats.ok()) {
+    bytes = {stats->device_bytes, stats->host_bytes, stats->disk_bytes};
+    pages = {stats->device_pages, stats->host_pages, stats->disk_pages};
   }
+  TierLedger::PerTier bytes_delta, pages_delta;
+  for (int t = 0; t < TierLedger::kTiers; ++t) {
+    bytes_delta[t] = bytes[t] - entry.tier_bytes[t];
+    pages_delta[t] = pages[t] - entry.tier_pages[t];
+  }
+  entry.tier_bytes = bytes;
+  entry.tier_pages = pages;
+  StateOf(*entry.tenant).usage.Settle(bytes_delta, pages_delta, reserved);
   return stats;
 }
 
-absl::Status HeadwiseService::CheckTierQuota(const Tenant& tenant, Tier tier, uint64_t bytes) {
-  const uint64_t quota[3] = {tenant.quota.max_device_bytes(), tenant.quota.max_host_bytes(),
-                             tenant.quota.max_disk_bytes()};
-  static constexpr const char* kTierNames[3] = {"device", "host", "disk"};
-  TenantState& state = StateOf(tenant);
-  absl::MutexLock lock(&state.mu);
-  for (int t = 0; t < 3; ++t) {
-    if (quota[t] == 0) continue;
-    const uint64_t used = static_cast<uint64_t>(state.tier_bytes[t]);
-    const uint64_t adding = t == static_cast<int>(tier) ? bytes : 0;
-    if (used + adding > quota[t]) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "tenant quota: ", kTierNames[t], " bytes would be ", used + adding, " > ", quota[t]));
-    }
-  }
-  return absl::OkStatus();
+absl::StatusOr<TierLedger::Reservation> HeadwiseService::ReserveAppend(const SequenceEntry& entry,
+                                                                       int64_t tokens, int layers) {
+  return StateOf(*entry.tenant)
+      .usage.Reserve(entry.append_tier,
+                     static_cast<uint64_t>(layers) * MaxAppendBytes(entry.layout, tokens));
 }
 
 absl::StatusOr<InputBytes> HeadwiseService::Input(const Tenant& tenant,
@@ -382,6 +377,21 @@ absl::Status HeadwiseService::DoOpenStaging(const Tenant& tenant,
 }
 
 absl::Status HeadwiseService::DoStats(const Tenant& tenant, headwise::v1::StatsResponse* response) {
+  if (tenant.admin) {
+    DaemonStats(response);
+  } else {
+    const EngineStats engine = engine_->GetStats();  // Only whether tiers exist is used.
+    TenantStats(tenant, engine.has_disk, engine.device_emulated, response);
+  }
+  TenantState& state = StateOf(tenant);
+  const TierLedger::Snapshot usage = state.usage.snapshot();
+  response->set_tenant_bytes(usage.bytes[0] + usage.bytes[1] + usage.bytes[2]);
+  absl::MutexLock lock(&state.mu);
+  response->set_tenant_sequences(state.sequences);
+  return absl::OkStatus();
+}
+
+void HeadwiseService::DaemonStats(headwise::v1::StatsResponse* response) const {
   const EngineStats stats = engine_->GetStats();
   auto add_tier = [response](const char* name, const TierUsage& usage, bool emulated) {
     auto* tier = response->add_tiers();
@@ -407,11 +417,25 @@ absl::Status HeadwiseService::DoStats(const Tenant& tenant, headwise::v1::StatsR
   response->set_bytes_disk_to_host(stats.bytes_disk_to_host);
   response->set_stall_seconds(static_cast<double>(stats.stall_ns) * 1e-9);
   response->set_overlapped_seconds(static_cast<double>(stats.overlapped_ns) * 1e-9);
+}
+
+void HeadwiseService::TenantStats(const Tenant& tenant, bool has_disk, bool emulated,
+                                  headwise::v1::StatsResponse* response) {
   TenantState& state = StateOf(tenant);
+  const TierLedger::Snapshot usage = state.usage.snapshot();
+  static constexpr const char* kNames[TierLedger::kTiers] = {"device", "host", "disk"};
+  for (int t = 0; t < (has_disk ? 3 : 2); ++t) {
+    auto* tier = response->add_tiers();
+    tier->set_tier(kNames[t]);
+    tier->set_used_bytes(static_cast<uint64_t>(std::max<int64_t>(usage.bytes[t], 0)));
+    tier->set_peak_bytes(static_cast<uint64_t>(std::max<int64_t>(usage.peak[t], 0)));
+    tier->set_budget_bytes(state.usage.quota(static_cast<Tier>(t)));
+    tier->set_emulated(t == 0 && emulated);
+  }
+  response->set_pages(static_cast<uint64_t>(usage.pages[0] + usage.pages[1] + usage.pages[2]));
   absl::MutexLock lock(&state.mu);
-  response->set_tenant_sequences(state.sequences);
-  response->set_tenant_bytes(state.tier_bytes[0] + state.tier_bytes[1] + state.tier_bytes[2]);
-  return absl::OkStatus();
+  response->set_sequences(state.sequences);
+  // Evictions, bytes moved and copy time are daemon-wide: an admin tenant's (left 0 here).
 }
 
 }  // namespace headwise

@@ -7,7 +7,12 @@
 //
 // Tenancy: a tenant is authenticated from the `authorization: Bearer <token>` metadata of every
 // call. Layout names, sequence handles and staging regions are scoped to their tenant; another
-// tenant's handle is NOT_FOUND, exactly like one that never existed.
+// tenant's handle is NOT_FOUND, exactly like one that never existed. Stats shows a tenant its own
+// figures only, unless the tenant is an admin (TenantConfig.admin).
+//
+// Quotas: an append reserves its worst case (whole pages) in the tenant's TierLedger before any
+// work and settles to what the engine holds after it, so concurrent appends cannot together pass
+// a quota (tenants.h).
 //
 // Handles: 32 lowercase hex digits drawn from a 128-bit random source, mapped to the engine's
 // SequenceId inside the service (a restored durable sequence keeps its handle but gets a new
@@ -18,7 +23,7 @@
 // removed from the log again when the engine refuses it, so a refused call is never replayed.
 //
 // A refused call changes nothing: every data RPC validates its inputs, resolves and pins (holds a
-// reference to) each staging region it reads or writes, checks quotas and only then makes ONE
+// reference to) each staging region it reads or writes, reserves its quota and only then makes ONE
 // engine call, which is all-or-nothing (a decode step is Engine::DecodeStep, not Append +
 // Attend). Writing the outputs afterwards cannot fail. Client step ids make retries idempotent
 // (step_ledger.h, service.proto).
@@ -27,7 +32,8 @@
 // guarantee). The tenant lock (TenantState::mu) is never held across a disk write or an engine
 // call: RegisterLayout reserves the name under it, writes outside, and commits under it again.
 // Lock order: sequence locks (in handle order when a batch takes several), then a tenant lock,
-// then a shard lock; the engine's own locks are inner to all of them.
+// then a shard lock; the engine's own locks are inner to all of them. A tenant's ledger lock
+// (TierLedger) is a leaf: nothing else is taken under it.
 //
 // Files: headwise_service.cc (plumbing, sequence lifecycle, gRPC entry points), service_steps.cc
 // (Append, Attend, Prefill, DecodeStep), service_bulk.cc (AppendLayers), service_batch.cc
@@ -187,21 +193,25 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
     SequenceId engine_id ABSL_GUARDED_BY(mu);
     bool released ABSL_GUARDED_BY(mu) = false;
     uint32_t next_op ABSL_GUARDED_BY(mu) = 0;
-    // Bytes per tier at the end of the last op (what this sequence adds to its tenant's usage).
+    // Bytes and pages per tier at the end of the last op (what this sequence adds to its
+    // tenant's usage).
     std::array<int64_t, 3> tier_bytes ABSL_GUARDED_BY(mu) = {0, 0, 0};
+    std::array<int64_t, 3> tier_pages ABSL_GUARDED_BY(mu) = {0, 0, 0};
     // The last client step per layer (idempotent retries).
     StepLedger steps ABSL_GUARDED_BY(mu);
   };
 
   // Per-tenant state.
   struct TenantState {
+    explicit TenantState(const Tenant& tenant) : usage(tenant.quota) {}
     absl::Mutex mu;
     absl::flat_hash_map<std::string, ModelLayout> layouts ABSL_GUARDED_BY(mu);
     // Layout names being registered (engine call and log write in progress, outside mu).
     absl::flat_hash_set<std::string> registering ABSL_GUARDED_BY(mu);
     int64_t sequences ABSL_GUARDED_BY(mu) = 0;
-    // Sum of tier_bytes over the tenant's live sequences.
-    std::array<int64_t, 3> tier_bytes ABSL_GUARDED_BY(mu) = {0, 0, 0};
+    // Sums of tier_bytes and tier_pages over the tenant's live sequences, and the bytes reserved
+    // by appends in flight (its own lock; never taken with mu held).
+    TierLedger usage;
   };
 
   static constexpr int kNumShards = 16;
@@ -258,12 +268,19 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
                                       std::vector<int64_t> o_shape,
                                       std::vector<int64_t> lse_shape) const;
 
-  // RESOURCE_EXHAUSTED when adding `bytes` to `tier` would pass the tenant's quota.
-  absl::Status CheckTierQuota(const Tenant& tenant, Tier tier, uint64_t bytes);
-  // Refreshes entry.tier_bytes and the tenant's sums from the engine (one GetSequenceStats at
-  // StatsDetail::kUsage: O(layers), no page walk; shared_pages is not filled) and returns the
-  // stats (zeroed usage when the sequence is gone). Every mutating RPC calls it once.
-  absl::StatusOr<SequenceStats> UpdateUsage(SequenceEntry& entry)
+  // Reserves, in the tenant's ledger, the most bytes an append of `tokens` tokens to each of
+  // `layers` layers of `entry` can take in its append tier (MaxAppendBytes: whole pages).
+  // RESOURCE_EXHAUSTED when that would pass the tenant's quota counting the appends in flight.
+  // Call it before the work; UpdateUsage(entry, &reservation) afterwards charges what the engine
+  // holds instead, in one step.
+  absl::StatusOr<TierLedger::Reservation> ReserveAppend(const SequenceEntry& entry, int64_t tokens,
+                                                        int layers = 1);
+  // Refreshes entry.tier_bytes/tier_pages and the tenant's sums from the engine (one
+  // GetSequenceStats at StatsDetail::kUsage: O(layers), no page walk; shared_pages is not
+  // filled) and returns the stats (zeroed usage when the sequence is gone); in the same ledger
+  // step gives back `reserved` when not null. Every mutating RPC calls it once.
+  absl::StatusOr<SequenceStats> UpdateUsage(SequenceEntry& entry,
+                                            TierLedger::Reservation* reserved = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
   // NOT_FOUND when the entry was released meanwhile.
   static absl::Status CheckLive(const SequenceEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
@@ -336,6 +353,10 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   absl::Status DoOpenStaging(const Tenant& tenant, const headwise::v1::OpenStagingRequest& request,
                              headwise::v1::OpenStagingResponse* response);
   absl::Status DoStats(const Tenant& tenant, headwise::v1::StatsResponse* response);
+  // DoStats' parts: the daemon-wide figures (admin tenants), or the tenant's own.
+  void DaemonStats(headwise::v1::StatsResponse* response) const;
+  void TenantStats(const Tenant& tenant, bool has_disk, bool emulated,
+                   headwise::v1::StatsResponse* response);
 
   // Inserts a new entry for `engine_id`; REQUIRES the tenant's sequence count was reserved.
   std::shared_ptr<SequenceEntry> InsertSequence(const Tenant& tenant, std::string handle,

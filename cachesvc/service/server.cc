@@ -1,7 +1,9 @@
 #include "cachesvc/service/server.h"
 
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/security/server_credentials.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -14,6 +16,8 @@
 #include <system_error>
 #include <utility>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "cachesvc/base/bounded_file.h"
@@ -75,6 +79,40 @@ absl::Status PrepareSocketPath(const std::string& path) {
   return absl::OkStatus();
 }
 
+// Takes the exclusive lock of data directory `dir` (created already): flock(LOCK_EX | LOCK_NB) on
+// <dir>/kDataDirLockFile, opened without following a link and created 0600, then writes this
+// process's pid into it. flock locks belong to the open file, so a second server in the same
+// process is refused as well, and the kernel drops the lock when the daemon dies (even by
+// kill -9): a stale lock file never blocks a restart.
+absl::StatusOr<ScopedFd> LockDataDir(const std::string& dir) {
+  const std::string path = (fs::path(dir) / kDataDirLockFile).string();
+  ScopedFd fd(open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (fd.get() < 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot open the data_dir lock '", path, "': ", std::strerror(errno)));
+  }
+  if (flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot lock the data_dir lock '", path, "': ", std::strerror(errno)));
+    }
+    char buffer[24] = {};
+    const ssize_t n = pread(fd.get(), buffer, sizeof(buffer) - 1, 0);
+    int pid = 0;  // Named only when the file holds a pid (nothing else of it is quoted).
+    const bool has_pid =
+        n > 0 && absl::SimpleAtoi(absl::StripAsciiWhitespace(buffer), &pid) && pid > 0;
+    return absl::FailedPreconditionError(absl::StrCat(
+        "data_dir '", dir, "' is in use by another headwised",
+        has_pid ? absl::StrCat(" (pid ", pid, ")") : std::string(), ", which holds the lock '",
+        path, "': one daemon per data directory; stop that one or give this one another data_dir"));
+  }
+  const std::string pid = absl::StrCat(getpid(), "\n");
+  if (ftruncate(fd.get(), 0) != 0 || pwrite(fd.get(), pid.data(), pid.size(), 0) < 0) {
+    spdlog::warn("cannot write the pid into {}: {}", path, std::strerror(errno));
+  }
+  return fd;
+}
+
 // A PEM file the operator names (certificate chain, key or CA bundle): at most
 // kMaxTlsFileBytes, regular, symbolic links followed (certificate managers link them).
 absl::StatusOr<std::string> ReadTlsFile(const std::string& what, const std::string& path) {
@@ -112,6 +150,8 @@ absl::Status HeadwiseServer::StartImpl(const headwise::v1::DaemonConfig& config)
   }
   if (!config.data_dir().empty()) {
     RETURN_IF_ERROR(MakePrivateDirectory(config.data_dir()));
+    // Before anything in the directory is touched: a second daemon on it stops here.
+    ASSIGN_OR_RETURN(data_dir_lock_, LockDataDir(config.data_dir()));
     // The spill store only ever holds pages of live sequences: after a restart it is garbage.
     const std::string spill = (fs::path(config.data_dir()) / "spill").string();
     std::error_code error;
@@ -279,6 +319,7 @@ void HeadwiseServer::Shutdown(absl::Duration grace) {
     durable_log_.reset();
   }
   if (!unix_socket_.empty()) unlink(unix_socket_.c_str());
+  data_dir_lock_ = ScopedFd();  // Last: everything in the data directory is closed.
   spdlog::info("headwised stopped in {}", absl::FormatDuration(absl::Now() - start));
 }
 

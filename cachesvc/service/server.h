@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "cachesvc/base/bounded_file.h"
 #include "cachesvc/engine.h"
 #include "cachesvc/service/durable_log.h"
 #include "cachesvc/service/headwise_service.h"
@@ -26,10 +27,17 @@ class Server;
 
 namespace headwise {
 
+// The lock file inside a data directory (see HeadwiseServer::Start). It holds the pid of the
+// daemon that holds the lock.
+inline constexpr char kDataDirLockFile[] = "headwised.lock";
+
 class HeadwiseServer {
  public:
   // Starts serving `config`, which must have gone through ResolveConfig. In order: creates the
-  // data directory (0700), wipes the engine's spill store (a cache), opens the engine and the
+  // data directory (0700) and takes its lock (an exclusive flock on <data_dir>/headwised.lock,
+  // held until Shutdown: one daemon per data directory; FAILED_PRECONDITION at once, naming the
+  // holder's pid, when another process holds it, before anything in the directory is touched),
+  // wipes the engine's spill store (a cache), opens the engine and the
   // durable log, restores durable sequences, prepares the socket path (parent directory created
   // 0700; a stale socket from a dead daemon removed; FAILED_PRECONDITION when a live daemon
   // answers on it), listens (socket mode 0600) and starts the metrics endpoint.
@@ -37,8 +45,8 @@ class HeadwiseServer {
       const headwise::v1::DaemonConfig& config);
 
   // Graceful stop: in-flight calls get `grace` to finish, then are cancelled; then the metrics
-  // endpoint stops, every staging region is unlinked, the durable log is flushed and closed and
-  // the socket file is removed. Idempotent; thread-safe.
+  // endpoint stops, every staging region is unlinked, the durable log is flushed and closed, the
+  // socket file is removed and the data directory's lock is released. Idempotent; thread-safe.
   void Shutdown(absl::Duration grace);
 
   // Shutdown(0) if not done yet. Durable state needs no flush to survive (every acknowledged
@@ -63,6 +71,8 @@ class HeadwiseServer {
   absl::Status StartImpl(const headwise::v1::DaemonConfig& config);
 
   headwise::v1::DaemonConfig config_;
+  // The data directory's lock (kDataDirLockFile); -1 without a data_dir. Released last.
+  ScopedFd data_dir_lock_;
   ServiceMetrics metrics_;
   std::unique_ptr<TenantRegistry> tenants_;
   // Declared before engine_, which points to it (EngineOptions::patterns). Null: none configured.

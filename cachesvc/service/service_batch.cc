@@ -22,6 +22,7 @@ struct HeadwiseService::BatchSlot {
   bool run = false;     // Sent to the engine (admitted, and logged when durable).
   bool logged = false;  // Its append is in the durable log as op `op`.
   uint32_t op = 0;
+  TierLedger::Reservation reserved;  // The item's quota while it runs (AdmitBatch).
 };
 
 // Holds the locks of every prepared item's sequence, taken in handle order (so two batches, or a
@@ -93,9 +94,8 @@ absl::Status HeadwiseService::DoDecodeStepBatch(const Tenant& tenant,
 
 // The dynamic lock set (BatchLocks) is beyond the static analysis; each phase runs while it is
 // held.
-void HeadwiseService::AdmitBatch(const Tenant& tenant,
+void HeadwiseService::AdmitBatch(const Tenant& /*tenant*/,
                                  std::vector<BatchSlot>& slots) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-  std::array<uint64_t, 3> admitted = {0, 0, 0};  // Bytes admitted so far per tier.
   for (BatchSlot& slot : slots) {
     if (!slot.status.ok()) continue;
     PreparedDecode& step = slot.step;
@@ -108,11 +108,10 @@ void HeadwiseService::AdmitBatch(const Tenant& tenant,
       slot.status = retry.ok() ? AnswerDecodeRetry(entry, step, **retry) : retry.status();
       continue;
     }
-    const uint64_t bytes = step.k.span.size() + step.v.span.size();
-    uint64_t& tier_admitted = admitted[static_cast<int>(entry.append_tier)];
-    slot.status = CheckTierQuota(tenant, entry.append_tier, tier_admitted + bytes);
+    absl::StatusOr<TierLedger::Reservation> reserved = ReserveAppend(entry, 1);
+    slot.status = reserved.status();
     if (!slot.status.ok()) continue;
-    tier_admitted += bytes;
+    slot.reserved = *std::move(reserved);
     slot.run = true;
   }
 }
@@ -198,7 +197,7 @@ void HeadwiseService::CommitBatch(std::vector<BatchSlot>& slots) ABSL_NO_THREAD_
     if (slot.logged) ++entry.next_op;
     entry.steps.Record(step.layer, step.step_id, StepKind::kDecode, 1, step.layer_length, step.o,
                        step.lse);
-    UpdateUsage(entry).IgnoreError();
+    UpdateUsage(entry, &slot.reserved).IgnoreError();
   }
   ForgetRejectedOps(rejected);
 }

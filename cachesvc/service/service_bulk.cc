@@ -135,9 +135,10 @@ absl::Status HeadwiseService::DoAppendLayers(const Tenant& tenant,
                        " (a step is in progress: finish it with Append)"));
     }
   }
-  RETURN_IF_ERROR(CheckTierQuota(tenant, entry->append_tier, in.bytes));
+  ASSIGN_OR_RETURN(TierLedger::Reservation reserved,
+                   ReserveAppend(*entry, in.num_tokens, layout.num_layers));
   RETURN_IF_ERROR(AppendEveryLayer(*entry, in, before.length, before.evicted_tokens, step_id));
-  ASSIGN_OR_RETURN(SequenceStats after, UpdateUsage(*entry));
+  ASSIGN_OR_RETURN(SequenceStats after, UpdateUsage(*entry, &reserved));
   for (int l = 0; l < layout.num_layers; ++l) {
     entry->steps.Record(l, step_id, StepKind::kAppend, in.num_tokens, after.layer_lengths[l]);
   }

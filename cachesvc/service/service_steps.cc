@@ -84,13 +84,13 @@ absl::Status HeadwiseService::DoAppend(const Tenant& tenant,
     response->set_layer_length(retry->layer_length);
     return absl::OkStatus();
   }
-  RETURN_IF_ERROR(CheckTierQuota(tenant, entry->append_tier, k.span.size() + v.span.size()));
+  ASSIGN_OR_RETURN(TierLedger::Reservation reserved, ReserveAppend(*entry, tokens));
   const SequenceId id = entry->engine_id;
   RETURN_IF_ERROR(LoggedAppend(
       *entry, layer, tokens, request.step_id(), k.span, v.span, [&](const CommitHook* hook) {
         return engine_->Append(id, LayerId(layer), k.span, v.span, tokens, layout.dtype, hook);
       }));
-  ASSIGN_OR_RETURN(SequenceStats stats, UpdateUsage(*entry));
+  ASSIGN_OR_RETURN(SequenceStats stats, UpdateUsage(*entry, &reserved));
   const int64_t length = stats.layer_lengths.at(layer);
   entry->steps.Record(layer, request.step_id(), StepKind::kAppend, tokens, length);
   response->set_layer_length(length);
@@ -154,14 +154,14 @@ absl::Status HeadwiseService::DoPrefill(const Tenant& tenant,
       o = retry->o;
       lse = retry->lse;
     } else {
-      RETURN_IF_ERROR(CheckTierQuota(tenant, entry->append_tier, k.span.size() + v.span.size()));
+      ASSIGN_OR_RETURN(TierLedger::Reservation reserved, ReserveAppend(*entry, tokens));
       const SequenceId id = entry->engine_id;
       RETURN_IF_ERROR(LoggedAppend(
           *entry, layer, tokens, request.step_id(), k.span, v.span, [&](const CommitHook* hook) {
             return engine_->Prefill(id, LayerId(layer), q, k.span, v.span, tokens, layout.dtype,
                                     absl::MakeSpan(o), absl::MakeSpan(lse), hook);
           }));
-      ASSIGN_OR_RETURN(SequenceStats stats, UpdateUsage(*entry));
+      ASSIGN_OR_RETURN(SequenceStats stats, UpdateUsage(*entry, &reserved));
       entry->steps.Record(layer, request.step_id(), StepKind::kPrefill, tokens,
                           stats.layer_lengths.at(layer), o, lse);
     }
@@ -219,8 +219,7 @@ absl::Status HeadwiseService::DoDecodeStep(const Tenant& tenant, const DecodeCal
     if (retry != nullptr) {
       RETURN_IF_ERROR(AnswerDecodeRetry(entry, step, *retry));
     } else {
-      RETURN_IF_ERROR(
-          CheckTierQuota(tenant, entry.append_tier, step.k.span.size() + step.v.span.size()));
+      ASSIGN_OR_RETURN(TierLedger::Reservation reserved, ReserveAppend(entry, 1));
       const SequenceId id = entry.engine_id;
       RETURN_IF_ERROR(LoggedAppend(entry, step.layer, 1, step.step_id, step.k.span, step.v.span,
                                    [&](const CommitHook* hook) {
@@ -231,7 +230,7 @@ absl::Status HeadwiseService::DoDecodeStep(const Tenant& tenant, const DecodeCal
                                    }));
       entry.steps.Record(step.layer, step.step_id, StepKind::kDecode, 1, step.layer_length, step.o,
                          step.lse);
-      UpdateUsage(entry).IgnoreError();
+      UpdateUsage(entry, &reserved).IgnoreError();
     }
   }
   BeforeOutputsForTesting("DecodeStep");

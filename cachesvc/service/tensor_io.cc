@@ -18,6 +18,48 @@ int64_t Product(const std::vector<int64_t>& shape) {
   return n;
 }
 
+// The bit layout of one floating-point dtype: an element is NaN or infinite when every exponent
+// bit is set (then NaN when any mantissa bit is set).
+template <typename Bits>
+struct FloatBits {
+  Bits exponent;
+  Bits mantissa;
+  Bits sign;
+};
+constexpr FloatBits<uint32_t> kF32Bits = {0x7f800000u, 0x007fffffu, 0x80000000u};
+constexpr FloatBits<uint16_t> kF16Bits = {0x7c00u, 0x03ffu, 0x8000u};
+constexpr FloatBits<uint16_t> kBF16Bits = {0x7f80u, 0x007fu, 0x8000u};
+
+// The index of the first non-finite element of `bytes`, or -1. The scan has no early exit so that
+// it vectorizes; the index is searched for only when there is one.
+template <typename Bits>
+int64_t FirstNonFinite(absl::Span<const std::byte> bytes, const FloatBits<Bits>& f, Bits* found) {
+  const size_t n = bytes.size() / sizeof(Bits);
+  bool any = false;
+  for (size_t i = 0; i < n; ++i) {
+    Bits x;
+    std::memcpy(&x, bytes.data() + i * sizeof(Bits), sizeof(Bits));
+    any |= (x & f.exponent) == f.exponent;
+  }
+  if (!any) return -1;
+  for (size_t i = 0; i < n; ++i) {
+    std::memcpy(found, bytes.data() + i * sizeof(Bits), sizeof(Bits));
+    if ((*found & f.exponent) == f.exponent) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+template <typename Bits>
+absl::Status CheckFiniteBits(absl::Span<const std::byte> bytes, const FloatBits<Bits>& f,
+                             const char* what) {
+  Bits x = 0;
+  const int64_t i = FirstNonFinite(bytes, f, &x);
+  if (i < 0) return absl::OkStatus();
+  const char* kind = (x & f.mantissa) != 0 ? "NaN" : (x & f.sign) != 0 ? "-Inf" : "+Inf";
+  return absl::InvalidArgumentError(absl::StrCat(
+      what, ": element ", i, " is ", kind, " (K, V and Q must be finite; nothing was changed)"));
+}
+
 void SetShape(const std::vector<int64_t>& shape, Tensor* tensor) {
   tensor->set_dtype(headwise::v1::DTYPE_F32);
   for (int64_t d : shape) tensor->add_shape(d);
@@ -87,6 +129,26 @@ Tier AppendTier(const headwise::v1::PolicySpec& policy) {
              : Tier::kDevice;
 }
 
+uint64_t MaxAppendBytes(const ModelLayout& layout, int64_t tokens) {
+  const uint64_t pages_per_head =
+      (static_cast<uint64_t>(tokens) + static_cast<uint64_t>(layout.page_tokens) - 1) /
+      static_cast<uint64_t>(layout.page_tokens);
+  return pages_per_head * static_cast<uint64_t>(layout.num_kv_heads) *
+         static_cast<uint64_t>(layout.page_bytes());
+}
+
+absl::Status CheckFinite(absl::Span<const std::byte> bytes, DType dtype, const char* what) {
+  switch (dtype) {
+    case DType::kF32:
+      return CheckFiniteBits(bytes, kF32Bits, what);
+    case DType::kF16:
+      return CheckFiniteBits(bytes, kF16Bits, what);
+    case DType::kBF16:
+      return CheckFiniteBits(bytes, kBF16Bits, what);
+  }
+  return absl::InvalidArgumentError(absl::StrCat(what, ": unknown dtype"));
+}
+
 std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
 }
@@ -139,6 +201,7 @@ absl::StatusOr<InputBytes> TensorBytes(const StagingRegistry& staging, const std
       }
       bytes.span = absl::Span<const std::byte>(
           reinterpret_cast<const std::byte*>(tensor.data().data()), tensor.data().size());
+      RETURN_IF_ERROR(CheckFinite(bytes.span, dtype, what));
       return bytes;
     case Tensor::kStaged: {
       const auto& staged = tensor.staged();
@@ -151,6 +214,7 @@ absl::StatusOr<InputBytes> TensorBytes(const StagingRegistry& staging, const std
       ASSIGN_OR_RETURN(absl::Span<std::byte> range,
                        bytes.region->Range(staged.offset(), staged.length()));
       bytes.span = range;
+      RETURN_IF_ERROR(CheckFinite(bytes.span, dtype, what));
       return bytes;
     }
     case Tensor::PAYLOAD_NOT_SET:

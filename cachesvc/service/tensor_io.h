@@ -38,6 +38,11 @@ bool SameLayout(const ModelLayout& a, const ModelLayout& b);
 // The tier new pages of a sequence with this policy land in: host for the offload placements,
 // else device (what tier quotas are checked against before an append).
 Tier AppendTier(const headwise::v1::PolicySpec& policy);
+// The most bytes an append of `tokens` tokens to one layer can add to its sequence: a head's page
+// count grows by at most ceil(tokens / page_tokens) whatever its tail holds, times num_kv_heads
+// heads, times layout.page_bytes(). What tier quotas reserve before an append. REQUIRES:
+// tokens >= 0 and a valid layout.
+uint64_t MaxAppendBytes(const ModelLayout& layout, int64_t tokens);
 // "[1,2,3]".
 std::string ShapeString(const std::vector<int64_t>& shape);
 // INVALID_ARGUMENT unless 0 <= layer < layout.num_layers.
@@ -55,10 +60,21 @@ struct InputBytes {
 };
 
 // Validates `tensor` against `dtype` and `shape` (exactly) and returns its bytes. Staged bytes
-// must lie in one of `tenant`'s regions of `staging`. INVALID_ARGUMENT otherwise.
+// must lie in one of `tenant`'s regions of `staging`. Every element must be finite: a NaN or an
+// infinity (the f32, f16 and bf16 bit patterns alike) is INVALID_ARGUMENT naming the tensor, the
+// element and what it is (CheckFinite). INVALID_ARGUMENT for any other mismatch.
+//
+// A staged tensor is checked when the call reads it; a client that rewrites its region while its
+// own call runs can still slip values past the check into its own sequence (never another
+// tenant's).
 absl::StatusOr<InputBytes> TensorBytes(const StagingRegistry& staging, const std::string& tenant,
                                        const headwise::v1::Tensor& tensor, const char* what,
                                        DType dtype, const std::vector<int64_t>& shape);
+
+// OK when every element of `bytes` (elements of `dtype`) is finite; otherwise INVALID_ARGUMENT
+// "<what>: element <i> is NaN" (or "+Inf", "-Inf") for the first one, plus a note that K, V and
+// Q must be finite. One pass over the bytes, no allocation.
+absl::Status CheckFinite(absl::Span<const std::byte> bytes, DType dtype, const char* what);
 
 // Where an RPC's f32 outputs o ([rows][num_q_heads][head_dim]) and lse ([rows][num_q_heads]) go:
 // inline in the reply, or into a staging region resolved and pinned when the target is made.
