@@ -18,13 +18,18 @@
 //
 // Placement (PolicySpec.placement): device_only keeps every page in the device pool (appends past
 // the device budget fail with RESOURCE_EXHAUSTED and leave the sequence unchanged); layer_offload
-// keeps pages in the host pool and stages a whole layer on the device to attend it; head_offload
-// (HeadInfer) keeps pages in the host pool and stages one KV head at a time, prefetching the next
-// ones. With a disk tier, the host pool spills the coldest full pages of the sequence that needs
-// room to RocksDB; they come back on demand.
+// keeps pages in the host pool and stages a whole layer on the device to attend it, keeping the
+// next layer staged while the current one computes; head_offload (HeadInfer) keeps pages in the
+// host pool and stages one KV head at a time, prefetching the next ones. With a disk tier, the
+// host pool spills the coldest full pages of the sequence that needs room to RocksDB; they come
+// back on demand.
 //
-// Eviction (PolicySpec.eviction / head_roles) is applied after every append: dropped pages are
-// freed and later attention covers only the kept pages.
+// The policy stack (policies/policy_stack.h), built per sequence from its PolicySpec, decides;
+// the engine applies. After every append each (layer, kv head)'s ActionPolicy chooses whole
+// pages and single tokens to drop (plan, then apply: a failing decision undoes the append);
+// pages carry their positions, so after token drops a head is sparse and compacted. Query-aware
+// PageSelectors choose the pages each decode query reads. Where the stack keeps token scores,
+// decode calls feed the kernel's attention statistics to its TokenScorer.
 //
 // Fork shares every page copy-on-write (refcounts); the first write into a shared partial tail
 // page copies it.
