@@ -324,6 +324,11 @@ class Engine {
   struct HeadTable;
   struct Staging;
   struct AppendPlan;
+  // One page of a head table: the table and the page's ordinal in it.
+  struct PageRef {
+    HeadTable* table;
+    size_t index;
+  };
   // The pools and copy engine of one page size. Created with the first layout of that size and
   // immutable until the engine is destroyed. The copy engine is declared last so that it stops
   // before the pools it uses are released.
@@ -366,10 +371,6 @@ class Engine {
   absl::Status SpillColdest(Sequence& s, int64_t count, size_t protect_begin, size_t protect_end);
   absl::Status EnsureInMemory(Sequence& s, HeadTable& table, size_t index, size_t protect_begin,
                               size_t protect_end);
-  struct PageRef {
-    HeadTable* table;
-    size_t index;
-  };
   absl::Status FetchToHost(Sequence& s, absl::Span<const PageRef> pages, size_t protect_begin,
                            size_t protect_end);
   static void FreeSlot(const PoolSet& pools, Tier tier, uint64_t slot);
@@ -381,6 +382,16 @@ class Engine {
   absl::Status Stage(Sequence& s, int layer, int h_begin, int h_end, CopyPriority priority,
                      int protect_from_head, Staging& out, const PageLists* lists = nullptr,
                      size_t page_begin = 0, size_t page_end = SIZE_MAX);
+  // Stage's parts: the pages a staging covers in CSR order (and how many per head), the view's
+  // counts (page_len, last_page_len; marks them touched), and the device slots for `count`
+  // copies (recorded in out.extents; nothing kept on failure).
+  void ListStaged(Sequence& s, int layer, int h_begin, int h_end, const PageLists* lists,
+                  size_t page_begin, size_t page_end, std::vector<PageRef>& pages,
+                  std::vector<int32_t>& per_head);
+  void DescribeView(Sequence& s, const std::vector<PageRef>& pages,
+                    const std::vector<int32_t>& per_head, Staging& out);
+  absl::Status AllocateStagingSlots(Sequence& s, int layer, size_t count, Staging& out,
+                                    std::vector<uint64_t>& dst);
   static absl::Status WaitStaged(Staging& staging);
   static void Unpin(Staging& staging);
   // Submits the host-to-device copy of `page` into device slot `dst_slot` for `out` (whose

@@ -141,9 +141,13 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
     Staging staged;
     const bool kept =
         static_cast<size_t>(layer) < s.layer_stage.size() && s.layer_stage[layer].active;
-    RETURN_IF_ERROR(kept ? Restage(s, layer, s.layer_stage[layer], lists, staged)
-                         : Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, staged, lists));
-    absl::Status st = WaitStaged(staged);
+    absl::Status st = kept ? Restage(s, layer, s.layer_stage[layer], lists, staged)
+                           : Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, staged, lists);
+    if (!st.ok()) {
+      Unstage(staged);  // Whatever a failed staging still holds (nothing, by contract).
+      return st;
+    }
+    st = WaitStaged(staged);
     if (st.ok()) {
       // layer_offload: the next layers are copied while this one computes.
       PrefetchLayers(s, layer);

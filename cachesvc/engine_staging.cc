@@ -27,105 +27,104 @@ absl::Status Engine::Stage(Sequence& s, int layer, int h_begin, int h_end, CopyP
                            size_t page_begin, size_t page_end) {
   s.mu.AssertHeld();
   out = Staging();
-  const PoolSet& pools = s.pools();
-  DevicePool* device = pools.device.get();
-  out.pools = &pools;
+  out.pools = &s.pools();
   out.h_begin = h_begin;
   out.h_end = h_end;
-  out.indptr.push_back(0);
-  out.indices.reserve(1);  // The kernels want non-null arrays even for an empty layer.
+  std::vector<PageRef> pages;
+  std::vector<int32_t> per_head;
+  ListStaged(s, layer, h_begin, h_end, lists, page_begin, page_end, pages, per_head);
   const bool copy = s.placement.mode != PlacementMode::kDeviceOnly;
-  const int P = s.layout().page_tokens;
-  // The ordinal of entry i of head h's list.
-  const auto ordinal = [&](int h, size_t i) -> size_t {
-    return lists == nullptr ? i : static_cast<size_t>((*lists)[h][i]);
-  };
-  const auto range = [&](int h, const HeadTable& t) {
-    const size_t n = lists == nullptr ? t.phys.size() : (*lists)[h].size();
-    const size_t end = std::min(page_end, n);
-    return std::make_pair(std::min(page_begin, end), end);
-  };
-  int64_t total = 0;
-  bool sparse = false;
   if (copy) {
     // Spilled pages come back from disk first, all reads in flight together.
-    std::vector<PageRef> on_disk;
-    for (int h = h_begin; h < h_end; ++h) {
-      HeadTable& t = s.table(layer, h);
-      const auto [first, end] = range(h, t);
-      for (size_t i = first; i < end; ++i) {
-        const size_t p = ordinal(h, i);
-        if (t.phys[p]->tier == Tier::kDisk) on_disk.push_back(PageRef{&t, p});
-      }
-    }
     const size_t base = static_cast<size_t>(layer) * s.layout().num_kv_heads;
-    RETURN_IF_ERROR(FetchToHost(s, on_disk, base + protect_from_head, base + h_end));
+    RETURN_IF_ERROR(FetchToHost(s, pages, base + protect_from_head, base + h_end));
   }
-  for (int h = h_begin; h < h_end; ++h) {
-    HeadTable& t = s.table(layer, h);
-    const auto [first, end] = range(h, t);
-    for (size_t i = first; i < end; ++i) {
-      const size_t p = ordinal(h, i);
-      const int32_t count = t.meta[p].token_count;
-      out.page_len.push_back(count);
-      sparse = sparse || (count != P && i + 1 != end);
-      t.meta[p].last_touched_step = s.step;
-    }
-    total += static_cast<int64_t>(end - first);
-    out.indptr.push_back(static_cast<int32_t>(total));
-    out.last_page_len.push_back(end == first ? 0 : out.page_len.back());
-  }
-  if (!sparse) out.page_len.clear();
+  DescribeView(s, pages, per_head, out);
   if (!copy) {
-    for (int h = h_begin; h < h_end; ++h) {
-      const HeadTable& t = s.table(layer, h);
-      const auto [first, end] = range(h, t);
-      for (size_t i = first; i < end; ++i) {
-        out.indices.push_back(static_cast<int32_t>(t.phys[ordinal(h, i)]->slot));
-      }
+    for (const PageRef& r : pages) {
+      out.indices.push_back(static_cast<int32_t>(r.table->phys[r.index]->slot));
     }
     out.active = true;
     return absl::OkStatus();
   }
-  RETURN_IF_ERROR(Fault("alloc.device"));
-  // One device extent for the whole staging when it fits contiguously, else single slots.
   std::vector<uint64_t> dst;
-  dst.reserve(total);
-  if (total > 0) {
-    absl::StatusOr<Extent> run = device->AllocateExtent(static_cast<uint64_t>(total));
-    if (run.ok()) {
-      out.extents.push_back(*run);
-      for (int64_t i = 0; i < total; ++i) dst.push_back(run->first_slot + i);
-    } else {
-      for (int64_t i = 0; i < total; ++i) {
-        absl::StatusOr<Extent> one = device->AllocateExtent(1);
-        if (!one.ok()) {
-          for (const Extent& e : out.extents) (void)device->Free(e);
-          out.extents.clear();
-          return absl::ResourceExhaustedError(absl::StrCat("device tier cannot stage ", total,
-                                                           " pages of layer ", layer, ": ",
-                                                           one.status().message()));
-        }
-        out.extents.push_back(*one);
-        dst.push_back(one->first_slot);
-      }
+  RETURN_IF_ERROR(AllocateStagingSlots(s, layer, pages.size(), out, dst));
+  out.active = true;
+  for (size_t i = 0; i < pages.size(); ++i) {
+    PhysPage* p = pages[i].table->phys[pages[i].index];
+    out.indices.push_back(static_cast<int32_t>(dst[i]));
+    out.sources.push_back(p);
+    out.versions.push_back(p->version);
+    if (absl::Status st = SubmitCopy(p, dst[i], priority, out); !st.ok()) {
+      Unstage(out);
+      return st;
     }
   }
-  out.active = true;
-  size_t d = 0;
+  return absl::OkStatus();
+}
+
+void Engine::ListStaged(Sequence& s, int layer, int h_begin, int h_end, const PageLists* lists,
+                        size_t page_begin, size_t page_end, std::vector<PageRef>& pages,
+                        std::vector<int32_t>& per_head) {
+  s.mu.AssertHeld();
   for (int h = h_begin; h < h_end; ++h) {
-    const HeadTable& t = s.table(layer, h);
-    const auto [first, end] = range(h, t);
+    HeadTable& t = s.table(layer, h);
+    const size_t n = lists == nullptr ? t.phys.size() : (*lists)[h].size();
+    const size_t end = std::min(page_end, n);
+    const size_t first = std::min(page_begin, end);
     for (size_t i = first; i < end; ++i) {
-      PhysPage* p = t.phys[ordinal(h, i)];
-      out.indices.push_back(static_cast<int32_t>(dst[d]));
-      out.sources.push_back(p);
-      out.versions.push_back(p->version);
-      if (absl::Status st = SubmitCopy(p, dst[d++], priority, out); !st.ok()) {
-        Unstage(out);
-        return st;
-      }
+      pages.push_back(PageRef{&t, lists == nullptr ? i : static_cast<size_t>((*lists)[h][i])});
     }
+    per_head.push_back(static_cast<int32_t>(end - first));
+  }
+}
+
+void Engine::DescribeView(Sequence& s, const std::vector<PageRef>& pages,
+                          const std::vector<int32_t>& per_head, Staging& out) {
+  s.mu.AssertHeld();
+  const int P = s.layout().page_tokens;
+  out.indptr.assign(1, 0);
+  out.indices.reserve(std::max<size_t>(1, pages.size()));  // The kernels want non-null arrays.
+  bool sparse = false;
+  size_t next = 0;
+  for (int32_t n : per_head) {
+    for (int32_t j = 0; j < n; ++j, ++next) {
+      PageMeta& m = pages[next].table->meta[pages[next].index];
+      out.page_len.push_back(m.token_count);
+      sparse = sparse || (m.token_count != P && j + 1 != n);
+      m.last_touched_step = s.step;
+    }
+    out.indptr.push_back(static_cast<int32_t>(next));
+    out.last_page_len.push_back(n == 0 ? 0 : out.page_len.back());
+  }
+  if (!sparse) out.page_len.clear();
+}
+
+// One device extent for the whole staging when it fits contiguously, else single slots; every
+// slot is recorded in out.extents (freed by Unstage). On failure nothing stays allocated.
+absl::Status Engine::AllocateStagingSlots(Sequence& s, int layer, size_t count, Staging& out,
+                                          std::vector<uint64_t>& dst) {
+  RETURN_IF_ERROR(Fault("alloc.device"));
+  DevicePool* device = s.pools().device.get();
+  dst.reserve(count);
+  if (count == 0) return absl::OkStatus();
+  if (absl::StatusOr<Extent> run = device->AllocateExtent(static_cast<uint64_t>(count)); run.ok()) {
+    out.extents.push_back(*run);
+    for (size_t i = 0; i < count; ++i) dst.push_back(run->first_slot + i);
+    return absl::OkStatus();
+  }
+  for (size_t i = 0; i < count; ++i) {
+    absl::StatusOr<Extent> one = device->AllocateExtent(1);
+    if (!one.ok()) {
+      for (const Extent& e : out.extents) (void)device->Free(e);
+      out.extents.clear();
+      dst.clear();
+      return absl::ResourceExhaustedError(absl::StrCat("device tier cannot stage ", count,
+                                                       " pages of layer ", layer, ": ",
+                                                       one.status().message()));
+    }
+    out.extents.push_back(*one);
+    dst.push_back(one->first_slot);
   }
   return absl::OkStatus();
 }
@@ -175,89 +174,57 @@ void Engine::Unstage(Staging& staging) {
 absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLists* lists,
                              Staging& out) {
   s.mu.AssertHeld();
+  const int H = s.layout().num_kv_heads;
   if (!WaitStaged(kept).ok()) {
     Unstage(kept);
-    return Stage(s, layer, 0, s.layout().num_kv_heads, CopyPriority::kDemandFetch, 0, out, lists);
+    return Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, out, lists);
+  }
+  std::vector<PageRef> pages;
+  std::vector<int32_t> per_head;
+  ListStaged(s, layer, 0, H, lists, 0, SIZE_MAX, pages, per_head);
+  // Spilled pages come back first, all reads in flight together; a failure leaves nothing
+  // staged.
+  if (absl::Status st =
+          FetchToHost(s, pages, static_cast<size_t>(layer) * H, static_cast<size_t>(layer + 1) * H);
+      !st.ok()) {
+    Unstage(kept);
+    return st;
   }
   // Kept copies by source page: a page keeps its copy wherever drops moved it in the list.
   absl::flat_hash_map<const PhysPage*, size_t> copies;
   copies.reserve(kept.sources.size());
   for (size_t i = 0; i < kept.sources.size(); ++i) copies.emplace(kept.sources[i], i);
-  const int H = s.layout().num_kv_heads;
-  const int P = s.layout().page_tokens;
-  const PoolSet& pools = s.pools();
-  {
-    // Spilled pages come back first, all reads in flight together; a failure leaves nothing
-    // staged.
-    std::vector<PageRef> on_disk;
-    for (int h = 0; h < H; ++h) {
-      HeadTable& t = s.table(layer, h);
-      const size_t n = lists == nullptr ? t.phys.size() : (*lists)[h].size();
-      for (size_t j = 0; j < n; ++j) {
-        const size_t i = lists == nullptr ? j : static_cast<size_t>((*lists)[h][j]);
-        if (t.phys[i]->tier == Tier::kDisk) on_disk.push_back(PageRef{&t, i});
-      }
-    }
-    if (absl::Status st = FetchToHost(s, on_disk, static_cast<size_t>(layer) * H,
-                                      static_cast<size_t>(layer + 1) * H);
-        !st.ok()) {
-      Unstage(kept);
-      return st;
-    }
-  }
   out = Staging();
-  out.pools = &pools;
+  out.pools = &s.pools();
   out.h_begin = 0;
   out.h_end = H;
   out.active = true;
   out.extents = std::move(kept.extents);  // Replaced copies' slots are freed with the rest.
-  out.indptr.push_back(0);
-  out.indices.reserve(1);
-  struct Missing {
-    PhysPage* page;
-    size_t entry;
-  };
-  std::vector<Missing> missing;
-  bool sparse = false;
-  for (int h = 0; h < H; ++h) {
-    HeadTable& t = s.table(layer, h);
-    const size_t n = lists == nullptr ? t.phys.size() : (*lists)[h].size();
-    for (size_t j = 0; j < n; ++j) {
-      const size_t i = lists == nullptr ? j : static_cast<size_t>((*lists)[h][j]);
-      PhysPage* p = t.phys[i];
-      auto it = copies.find(p);
-      if (it != copies.end() && kept.versions[it->second] == p->version) {
-        out.indices.push_back(kept.indices[it->second]);
-      } else {
-        missing.push_back(Missing{p, out.indices.size()});
-        out.indices.push_back(-1);
-      }
-      out.sources.push_back(p);
-      out.versions.push_back(p->version);
-      const int32_t count = t.meta[i].token_count;
-      out.page_len.push_back(count);
-      sparse = sparse || (count != P && j + 1 != n);
-      t.meta[i].last_touched_step = s.step;
-    }
-    out.indptr.push_back(static_cast<int32_t>(out.indices.size()));
-    out.last_page_len.push_back(n == 0 ? 0 : out.page_len.back());
+  DescribeView(s, pages, per_head, out);
+  std::vector<size_t> missing;  // Entries whose page changed since it was staged.
+  for (const PageRef& r : pages) {
+    PhysPage* p = r.table->phys[r.index];
+    auto it = copies.find(p);
+    const bool reused = it != copies.end() && kept.versions[it->second] == p->version;
+    if (!reused) missing.push_back(out.indices.size());
+    out.indices.push_back(reused ? kept.indices[it->second] : -1);
+    out.sources.push_back(p);
+    out.versions.push_back(p->version);
   }
-  if (!sparse) out.page_len.clear();
   kept = Staging();
   // The pages that changed since they were staged (the tails appended to, new pages) are copied
-  // now, at demand priority.
-  for (const Missing& m : missing) {
-    RETURN_IF_ERROR(Fault("alloc.device"));
-    absl::StatusOr<Extent> one = pools.device->AllocateExtent(1);
-    if (!one.ok()) {
-      Unstage(out);
-      return absl::ResourceExhaustedError(
-          absl::StrCat("device tier cannot stage layer ", layer, ": ", one.status().message()));
+  // now, at demand priority. Any failure releases the whole view.
+  for (size_t entry : missing) {
+    Staging one;
+    one.pools = out.pools;
+    std::vector<uint64_t> dst;
+    absl::Status st = AllocateStagingSlots(s, layer, 1, one, dst);
+    if (st.ok()) {
+      out.extents.push_back(one.extents.front());
+      out.indices[entry] = static_cast<int32_t>(dst.front());
+      st = SubmitCopy(out.sources[entry], dst.front(), CopyPriority::kDemandFetch, out);
     }
-    out.extents.push_back(*one);
-    out.indices[m.entry] = static_cast<int32_t>(one->first_slot);
-    if (absl::Status st = SubmitCopy(m.page, one->first_slot, CopyPriority::kDemandFetch, out);
-        !st.ok()) {
+    if (!st.ok()) {
       Unstage(out);
       return st;
     }

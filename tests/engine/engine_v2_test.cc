@@ -288,6 +288,10 @@ TEST_F(EngineV2Test, InjectedFaultsLeaveAppendAndDecodeStepUnchanged) {
       EXPECT_LE(engine_->GetStats().host.used_bytes, engine_->GetStats().host.budget_bytes);
     }
   }
+  // No failure leaked a slot: once released, nothing is held on any tier.
+  ASSERT_TRUE(engine_->Release(seq).ok());
+  EXPECT_EQ(engine_->GetStats().device.used_bytes, 0u);
+  EXPECT_EQ(engine_->GetStats().host.used_bytes, 0u);
 }
 
 TEST_F(EngineV2Test, BatchedDecodeEqualsOneCallPerSequence) {
