@@ -15,23 +15,9 @@
 namespace headwise::testing {
 namespace {
 
-struct CommandResult {
-  int exit_code = -1;
-  std::string out;
-};
-
 // Runs `headwise <args>` with stdout captured (stderr goes to the test log).
 CommandResult RunCli(const std::string& args) {
-  CommandResult result;
-  const std::string command = std::string(HEADWISE_CLI_PATH) + " " + args;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return result;
-  char buffer[4096];
-  size_t n;
-  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) result.out.append(buffer, n);
-  const int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
+  return RunCommand(std::string(HEADWISE_CLI_PATH) + " " + args);
 }
 
 TEST(CliTest, StatusListStatsAgainstRealDaemon) {

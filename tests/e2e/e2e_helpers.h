@@ -4,8 +4,11 @@
 #ifndef HEADWISE_TESTS_E2E_E2E_HELPERS_H_
 #define HEADWISE_TESTS_E2E_E2E_HELPERS_H_
 
+#include <sys/wait.h>
+
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <random>
 #include <string>
@@ -87,6 +90,26 @@ inline void EngineAppend(Engine& engine, const SequenceId& seq, const ModelLayou
                          const std::vector<std::byte>& v, int tokens) {
   const absl::Status status = engine.Append(seq, LayerId(layer), k, v, tokens, layout.dtype);
   ASSERT_TRUE(status.ok()) << status;
+}
+
+// What a shell command printed on stdout, and its exit code (-1 when it could not run or did not
+// exit normally).
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;
+};
+
+// Runs `command` through the shell with stdout captured (redirect stderr in `command` to get it).
+inline CommandResult RunCommand(const std::string& command) {
+  CommandResult result;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return result;
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) result.out.append(buffer, n);
+  const int status = pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
 }
 
 }  // namespace headwise::testing

@@ -22,6 +22,7 @@
 #include "clients/cpp/client.h"
 #include "gtest/gtest.h"
 #include "tests/e2e/daemon_process.h"
+#include "tests/e2e/e2e_helpers.h"
 
 extern char** environ;
 
@@ -170,22 +171,9 @@ TEST(TokenTest, DaemonRefusesABadTokenFileOrBothFlags) {
   }
 }
 
-struct CommandResult {
-  int exit_code = -1;
-  std::string out;  // stdout and stderr.
-};
-
+// Runs `headwise <args>` with stdout and stderr captured.
 CommandResult RunCli(const std::string& args) {
-  CommandResult result;
-  const std::string command = std::string(HEADWISE_CLI_PATH) + " " + args + " 2>&1";
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return result;
-  char buffer[4096];
-  size_t n;
-  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) result.out.append(buffer, n);
-  const int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
+  return RunCommand(std::string(HEADWISE_CLI_PATH) + " " + args + " 2>&1");
 }
 
 TEST(TokenTest, CliReadsTheTokenFromAFileAndWarnsOnTheFlag) {
