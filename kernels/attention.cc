@@ -28,7 +28,60 @@ absl::Status ValidateQueryHeads(const PagedKvView& kv, int num_q_heads) {
   return absl::OkStatus();
 }
 
+// The mixed-precision part of a view: formats, pools, slots and the KIVI group size.
+absl::Status ValidatePageFormats(const PagedKvView& kv) {
+  if (kv.token_bias != nullptr) {
+    return Invalid("a mixed-precision view takes page_bias, not token_bias (slots are per pool)");
+  }
+  bool any_kivi = false;
+  const int32_t total_pages = kv.indptr[kv.num_kv_heads];
+  for (int32_t j = 0; j < total_pages; ++j) {
+    const int f = kv.page_format[j];
+    if (f >= kNumPageFormats) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("page_format[%d] = %d is not a page format", j, f));
+    }
+    if (kv.format_pool[f] == nullptr || kv.indices[j] >= kv.format_slots[f]) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("indices[%d] = %d is outside the %s pool (%d slots)", j, kv.indices[j],
+                          PageFormatName(static_cast<PageFormat>(f)), kv.format_slots[f]));
+    }
+    any_kivi |= PageFormatBits(static_cast<PageFormat>(f)) > 0;
+  }
+  const int g = kv.quant_group_size;
+  if (any_kivi && (g < 8 || g % 8 != 0 || kv.page_tokens % g != 0 || kv.head_dim % g != 0)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "quant_group_size %d must be a multiple of 8 dividing page_tokens %d and head_dim %d", g,
+        kv.page_tokens, kv.head_dim));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+const char* PageFormatName(PageFormat f) {
+  switch (f) {
+    case PageFormat::kF32:
+      return "f32";
+    case PageFormat::kF16:
+      return "f16";
+    case PageFormat::kBF16:
+      return "bf16";
+    case PageFormat::kInt8:
+      return "int8";
+    case PageFormat::kInt4:
+      return "int4";
+    case PageFormat::kInt2:
+      return "int2";
+  }
+  return "unknown";
+}
+
+int64_t FormatPageBytes(PageFormat f, int page_tokens, int head_dim, int group_size) {
+  const int bits = PageFormatBits(f);
+  if (bits == 0) return PageBytes(page_tokens, head_dim, PageFormatDType(f));
+  return QuantizedPageBytes(page_tokens, head_dim, QuantParams{bits, group_size});
+}
 
 absl::Status ValidatePagedKvView(const PagedKvView& kv) {
   if (kv.num_kv_heads <= 0) return Invalid("num_kv_heads must be positive");
@@ -53,11 +106,16 @@ absl::Status ValidatePagedKvView(const PagedKvView& kv) {
     }
   }
   const int32_t total_pages = kv.indptr[kv.num_kv_heads];
-  if (total_pages > 0 && (kv.indices == nullptr || kv.pool == nullptr || kv.num_slots <= 0)) {
+  const bool mixed = kv.page_format != nullptr;
+  if (total_pages > 0 &&
+      (kv.indices == nullptr || (!mixed && (kv.pool == nullptr || kv.num_slots <= 0)))) {
     return Invalid("indices, pool and num_slots are required when pages exist");
   }
+  if (kv.token_bias != nullptr && kv.page_bias != nullptr) {
+    return Invalid("token_bias and page_bias are exclusive");
+  }
   for (int32_t j = 0; j < total_pages; ++j) {
-    if (kv.indices[j] < 0 || kv.indices[j] >= kv.num_slots) {
+    if (kv.indices[j] < 0 || (!mixed && kv.indices[j] >= kv.num_slots)) {
       return absl::InvalidArgumentError(
           absl::StrFormat("indices[%d] = %d is outside the pool", j, kv.indices[j]));
     }
@@ -66,7 +124,7 @@ absl::Status ValidatePagedKvView(const PagedKvView& kv) {
           absl::StrFormat("page_len[%d] = %d is outside 1..%d", j, kv.page_len[j], kv.page_tokens));
     }
   }
-  return absl::OkStatus();
+  return mixed ? ValidatePageFormats(kv) : absl::OkStatus();
 }
 
 absl::Status DecodeAttention(const PagedKvView& kv, const DecodeArgs& args) {
@@ -86,7 +144,13 @@ absl::Status PrefillAttention(const PagedKvView& kv, const PrefillArgs& args) {
     return Invalid("q, k_new, v_new and o are required");
   }
   if (!(args.scale >= 0.0f)) return Invalid("scale must be >= 0 (0 means 1/sqrt(head_dim))");
-  cpu::Prefill(kv, args);
+  // Mixed-precision and page-biased views take the row-wise kernel, which reads every page
+  // through its own format; the blocked kernel packs float pages only.
+  if (kv.page_format != nullptr || kv.page_bias != nullptr) {
+    cpu::PrefillRowwise(kv, args);
+  } else {
+    cpu::Prefill(kv, args);
+  }
   return absl::OkStatus();
 }
 

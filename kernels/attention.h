@@ -40,6 +40,32 @@ constexpr int64_t PageBytes(int page_tokens, int head_dim, DType dtype) {
   return 2 * int64_t{page_tokens} * head_dim * static_cast<int64_t>(DTypeSize(dtype));
 }
 
+// A page's own storage precision (mixed-precision heads, policies.md §8.3): K and V in a float
+// dtype (PageBytes), or KIVI codes with per-group scales and minimums (QuantizedPageBytes, the
+// layout in docs/kernels.md). The values are stable: they travel in page tables.
+enum class PageFormat : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3, kInt4 = 4, kInt2 = 5 };
+inline constexpr int kNumPageFormats = 6;
+
+// The float format of `dtype`.
+constexpr PageFormat FloatPageFormat(DType dtype) {
+  return dtype == DType::kF32 ? PageFormat::kF32
+                              : (dtype == DType::kBF16 ? PageFormat::kBF16 : PageFormat::kF16);
+}
+// Bits per code of a KIVI format (8, 4, 2); 0 for the float formats.
+constexpr int PageFormatBits(PageFormat f) {
+  return f == PageFormat::kInt8 ? 8 : f == PageFormat::kInt4 ? 4 : f == PageFormat::kInt2 ? 2 : 0;
+}
+// The dtype of a float format; for a KIVI format, kF32 (what its codes decode to).
+constexpr DType PageFormatDType(PageFormat f) {
+  return f == PageFormat::kF16 ? DType::kF16 : f == PageFormat::kBF16 ? DType::kBF16 : DType::kF32;
+}
+// "f32", "f16", "bf16", "int8", "int4", "int2".
+const char* PageFormatName(PageFormat f);
+
+// Bytes of one page slot of format `f`; KIVI formats use `group_size` (QuantParams). 0 for an
+// unsupported shape.
+int64_t FormatPageBytes(PageFormat f, int page_tokens, int head_dim, int group_size);
+
 // A read-only view of one sequence's paged KV for one layer. Plain pointers and counts: the
 // same struct describes host and device memory.
 struct PagedKvView {
@@ -54,6 +80,24 @@ struct PagedKvView {
   // Optional per-token logit bias, indexed like the pool: bias[slot * page_tokens + t].
   // A token that stands for n merged tokens carries ln(n). Null: no bias.
   const float* token_bias = nullptr;
+  // Optional per-token logit bias indexed by CSR page position instead: page_bias[j *
+  // page_tokens + t] for token t of page j (the bias belongs to the page, whatever pool holds
+  // it). At most one of token_bias and page_bias; required instead of token_bias for a bias on
+  // a mixed-precision view (page_format set), whose slot numbers are per pool.
+  const float* page_bias = nullptr;
+  // Optional mixed precision: page j is stored in format page_format[j] (a PageFormat value),
+  // in slot indices[j] of format_pool[page_format[j]], a pool of format_slots[...] slots of
+  // FormatPageBytes(format, page_tokens, head_dim, quant_group_size) bytes each. `pool` and
+  // `num_slots` are then not used; `dtype` is still the dtype of a prefill chunk's k_new/v_new.
+  // KIVI pages (int8/int4/int2) are attended directly, dequantized in registers, and must be
+  // quantized from full pages (QuantizePage; rows past the page's valid count are not read).
+  // Null: every page is in `dtype` in `pool` (the single-precision view).
+  const uint8_t* page_format = nullptr;  // [indptr[num_kv_heads]]
+  const std::byte* format_pool[kNumPageFormats] = {};
+  int64_t format_slots[kNumPageFormats] = {};  // 0 for a format no page uses.
+  // QuantParams::group_size of every KIVI page of the view: a multiple of 8 that divides
+  // page_tokens and head_dim. Read only when some page is KIVI.
+  int quant_group_size = 32;
   int64_t num_slots = 0;  // Slots in the pool; every index must be below it.
   int num_kv_heads = 0;
   int page_tokens = 0;
@@ -80,8 +124,10 @@ struct PagedKvView {
 // OK when the view is well formed: positive sizes, supported head_dim and dtype, non-null
 // arrays (last_page_len only when page_len is null), indptr non-decreasing from 0, token
 // counts in 1..page_tokens (page_len for every page when set, otherwise last_page_len for
-// heads with pages), every index in [0, num_slots). Reads the CSR arrays, so they must be host
-// memory.
+// heads with pages), every index in [0, num_slots). Mixed views also need a known format for
+// every page, a non-null pool with the slot inside format_slots for every format in use, no
+// token_bias, and a valid quant_group_size when a KIVI page is present. Reads the CSR arrays
+// (and page_format), so they must be host memory.
 absl::Status ValidatePagedKvView(const PagedKvView& kv);
 
 // Decode attention: one query token per query head over all cached tokens of one layer.

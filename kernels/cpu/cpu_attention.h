@@ -41,6 +41,32 @@ void AttendRows(DType dtype, int head_dim, int rows, const float* q, const int32
                 const TokenRows& tokens, RowState state, float* logits, float* scratch);
 inline constexpr int kAttendScratchRows = 8;
 
+// One KIVI page (kernels/cpu/quant_layout.h gives its parts): its first num_tokens rows.
+struct QuantTokenRows {
+  const std::byte* page = nullptr;
+  int bits = 4;                         // 8, 4 or 2.
+  int group_size = 32;                  // A multiple of 8 dividing page_tokens and head_dim.
+  int page_tokens = 0;                  // P: the page's row capacity (its layout depends on it).
+  int num_tokens = 0;                   // n <= P valid rows.
+  const float* bias = nullptr;          // [n] logit bias, or null.
+  const std::byte* prefetch = nullptr;  // As in TokenRows.
+  int64_t prefetch_bytes = 0;
+};
+
+// AttendRows over a KIVI page, dequantizing in registers: keys through the query scaled by
+// each channel's step (q . k̂ = (q ⊙ s_g) . codes + q . min_g), values through probabilities
+// scaled by each token group's step, f32 accumulation. Same contract as AttendRows.
+void AttendQuantRows(int head_dim, int rows, const float* q, const int32_t* visible,
+                     const QuantTokenRows& tokens, RowState state, float* logits, float* scratch);
+
+// Folds the valid tokens of CSR page `j` of KV head `head` into the rows' state, whatever the
+// page's format (AttendRows or AttendQuantRows), with its bias; prefetches CSR page
+// `prefetch_page` (-1: none) while it runs. `q`, `visible`, `logits` and `scratch` as in
+// AttendRows.
+void AttendPage(const PagedKvView& kv, int head, int32_t j, int32_t prefetch_page, int rows,
+                const float* q, const int32_t* visible, RowState state, float* logits,
+                float* scratch);
+
 // Backend halves of kernels/attention.h, called after validation.
 void Decode(const PagedKvView& kv, const DecodeArgs& args);
 // The blocked (flash-attention style) prefill that PrefillAttention runs (prefill_tiled.cc).

@@ -53,20 +53,6 @@ std::vector<Piece> SplitPages(const PagedKvView& kv, int threads) {
   return pieces;
 }
 
-// The K/V rows of CSR page position `j`.
-TokenRows PageRows(const PagedKvView& kv, int head, int j) {
-  const int64_t slot = kv.indices[j];
-  const int64_t elems = int64_t{kv.page_tokens} * kv.head_dim;
-  const std::byte* page = kv.pool + slot * PageBytes(kv.page_tokens, kv.head_dim, kv.dtype);
-  TokenRows rows;
-  rows.k = page;
-  rows.v = page + elems * DTypeSize(kv.dtype);
-  rows.row_stride = kv.head_dim;
-  rows.num_tokens = kv.PageTokens(head, j);
-  rows.bias = kv.token_bias != nullptr ? kv.token_bias + slot * kv.page_tokens : nullptr;
-  return rows;
-}
-
 // Partial softmax states of `rows` query rows: after Finish(), o is normalized and lse holds
 // m + ln l (or -inf when no token was seen).
 struct PartialStates {
@@ -119,7 +105,59 @@ void MergePieces(const std::vector<Piece>& pieces, std::vector<PartialStates>& p
   }
 }
 
+// Where CSR page `j` lives, its format and its slot size.
+struct PageAddress {
+  const std::byte* page;
+  PageFormat format;
+  int64_t bytes;
+};
+
+PageAddress AddressOf(const PagedKvView& kv, int32_t j) {
+  const int64_t slot = kv.indices[j];
+  if (kv.page_format == nullptr) {
+    const int64_t bytes = PageBytes(kv.page_tokens, kv.head_dim, kv.dtype);
+    return PageAddress{kv.pool + slot * bytes, FloatPageFormat(kv.dtype), bytes};
+  }
+  const PageFormat format = static_cast<PageFormat>(kv.page_format[j]);
+  const int64_t bytes = FormatPageBytes(format, kv.page_tokens, kv.head_dim, kv.quant_group_size);
+  return PageAddress{kv.format_pool[kv.page_format[j]] + slot * bytes, format, bytes};
+}
+
 }  // namespace
+
+void AttendPage(const PagedKvView& kv, int head, int32_t j, int32_t prefetch_page, int rows,
+                const float* q, const int32_t* visible, RowState state, float* logits,
+                float* scratch) {
+  const PageAddress at = AddressOf(kv, j);
+  const float* bias = nullptr;
+  if (kv.page_bias != nullptr) bias = kv.page_bias + int64_t{j} * kv.page_tokens;
+  if (kv.token_bias != nullptr) bias = kv.token_bias + int64_t{kv.indices[j]} * kv.page_tokens;
+  const PageAddress next = prefetch_page >= 0 ? AddressOf(kv, prefetch_page) : PageAddress{};
+  const int bits = PageFormatBits(at.format);
+  if (bits > 0) {
+    QuantTokenRows tokens;
+    tokens.page = at.page;
+    tokens.bits = bits;
+    tokens.group_size = kv.quant_group_size;
+    tokens.page_tokens = kv.page_tokens;
+    tokens.num_tokens = kv.PageTokens(head, j);
+    tokens.bias = bias;
+    tokens.prefetch = next.page;
+    tokens.prefetch_bytes = next.bytes;
+    AttendQuantRows(kv.head_dim, rows, q, visible, tokens, state, logits, scratch);
+    return;
+  }
+  const DType dtype = PageFormatDType(at.format);
+  TokenRows tokens;
+  tokens.k = at.page;
+  tokens.v = at.page + int64_t{kv.page_tokens} * kv.head_dim * DTypeSize(dtype);
+  tokens.row_stride = kv.head_dim;
+  tokens.num_tokens = kv.PageTokens(head, j);
+  tokens.bias = bias;
+  tokens.prefetch = next.page;
+  tokens.prefetch_bytes = next.bytes;
+  AttendRows(dtype, kv.head_dim, rows, q, visible, tokens, state, logits, scratch);
+}
 
 void Decode(const PagedKvView& kv, const DecodeArgs& args) {
   const int threads = ResolveThreads(args.num_threads);
@@ -136,7 +174,6 @@ void Decode(const PagedKvView& kv, const DecodeArgs& args) {
 
   const std::vector<Piece> pieces = SplitPages(kv, threads);
   std::vector<PartialStates> partials(pieces.size(), PartialStates(group, d));
-  const int64_t page_bytes = PageBytes(kv.page_tokens, d, kv.dtype);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scratch(int64_t{kAttendScratchRows} * kv.page_tokens);
@@ -147,14 +184,10 @@ void Decode(const PagedKvView& kv, const DecodeArgs& args) {
       for (int j = piece.page_begin; j < piece.page_end; ++j) {
         float* page_logits =
             want_stats ? logits.data() + int64_t{j} * kv.page_tokens * group : nullptr;
-        TokenRows rows = PageRows(kv, piece.head, j);
         // Prefetch kPrefetchPages ahead: pages of a head are scattered, so the hardware
         // prefetcher loses the stream at every page boundary.
-        if (j + kPrefetchPages < piece.page_end) {
-          rows.prefetch = kv.pool + int64_t{kv.indices[j + kPrefetchPages]} * page_bytes;
-          rows.prefetch_bytes = page_bytes;
-        }
-        AttendRows(kv.dtype, d, group, q, nullptr, rows, partials[i].state(), page_logits,
+        const int prefetch = j + kPrefetchPages < piece.page_end ? j + kPrefetchPages : -1;
+        AttendPage(kv, piece.head, j, prefetch, group, q, nullptr, partials[i].state(), page_logits,
                    scratch.data());
       }
       partials[i].Finish(d);
@@ -254,8 +287,8 @@ void PrefillRowwise(const PagedKvView& kv, const PrefillArgs& args) {
                    scratch.data());
       } else {
         for (int j = piece.page_begin; j < piece.page_end; ++j) {
-          AttendRows(kv.dtype, d, rows, q, nullptr, PageRows(kv, piece.head, j),
-                     partials[i].state(), nullptr, scratch.data());
+          AttendPage(kv, piece.head, j, -1, rows, q, nullptr, partials[i].state(), nullptr,
+                     scratch.data());
         }
       }
       partials[i].Finish(d);

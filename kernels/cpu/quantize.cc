@@ -46,22 +46,12 @@
 #include "cachesvc/base/dtype.h"
 #include "cachesvc/base/layout.h"
 #include "kernels/attention.h"
+#include "quant_layout.h"
 
 namespace headwise::kernels {
 
 // The packing below moves codes through uint64_t words in memory order.
 static_assert(std::endian::native == std::endian::little, "quantize.cc assumes little-endian");
-
-// Byte offsets of the parts of a quantized page (layout above).
-struct QuantLayout {
-  int64_t k_codes = 0;
-  int64_t v_codes = 0;
-  int64_t k_scale = 0;
-  int64_t k_min = 0;
-  int64_t v_scale = 0;
-  int64_t v_min = 0;
-  int64_t total = 0;
-};
 
 // Per-row scratch arrays are sized for the largest supported head_dim.
 inline constexpr int kQuantMaxHeadDim = 256;
@@ -417,21 +407,7 @@ absl::Status CheckDType(const char* fn, DType dtype) {
 
 // Only for a shape that passed CheckQuantShape.
 QuantLayout MakeLayout(int page_tokens, int head_dim, const QuantParams& params) {
-  const int64_t p = page_tokens;
-  const int64_t d = head_dim;
-  const int64_t g = params.group_size;
-  const int64_t code_bytes = p * d * params.bits / 8;
-  const int64_t k_params = (p / g) * d * int64_t{sizeof(float)};
-  const int64_t v_params = p * (d / g) * int64_t{sizeof(float)};
-  QuantLayout layout;
-  layout.k_codes = 0;
-  layout.v_codes = code_bytes;
-  layout.k_scale = 2 * code_bytes;
-  layout.k_min = layout.k_scale + k_params;
-  layout.v_scale = layout.k_min + k_params;
-  layout.v_min = layout.v_scale + v_params;
-  layout.total = layout.v_min + v_params;
-  return layout;
+  return MakeQuantLayout(page_tokens, head_dim, params.bits, params.group_size);
 }
 
 }  // namespace

@@ -16,6 +16,9 @@
 // must be non-null (INVALID_ARGUMENT otherwise); with page_len, last_page_len may be null. Validate
 // it on the host, before upload, with kernels::ValidatePagedKvView.
 //
+// Mixed-precision views (PagedKvView::page_format, KIVI pages) and page_bias are not supported
+// on the GPU yet: DecodeAttention returns UNIMPLEMENTED for them; the CPU backend reads them.
+//
 // Streams: `stream` is a cudaStream_t passed as void* so this header stays includable from
 // plain C++ without the CUDA headers; nullptr is the legacy default stream. Work is enqueued
 // asynchronously: on return the results are not ready; synchronize the stream before reading

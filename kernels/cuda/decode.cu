@@ -355,6 +355,10 @@ absl::Status LaunchDecodeSplits(DType dtype, int head_dim, const DecodeParams& p
 }
 
 absl::Status ValidateDecode(const PagedKvView& kv, const DecodeArgs& args) {
+  if (kv.page_format != nullptr || kv.page_bias != nullptr) {
+    return absl::UnimplementedError(
+        "CUDA decode: mixed-precision views (page_format) and page_bias are CPU-only for now");
+  }
   if (kv.pool == nullptr || kv.indptr == nullptr || kv.indices == nullptr) {
     return absl::InvalidArgumentError("PagedKvView: null pool, indptr or indices");
   }
