@@ -69,6 +69,13 @@ HWY_EXPORT(PeakMadds);
 
 double PeakMultiplyAddsPerSecond() { return HWY_DYNAMIC_DISPATCH(PeakMadds)(); }
 
+double PeakMultiplyAddsOnThreads(int threads) {
+  double total = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  total += HWY_DYNAMIC_DISPATCH(PeakMadds)();
+  return total;
+}
+
 float SumBytesAsF32(const std::byte* data, int64_t bytes, int threads) {
   const float* f = reinterpret_cast<const float*>(data);
   const int64_t n = bytes / 4;

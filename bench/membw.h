@@ -18,6 +18,10 @@ float SumBytesAsF32(const std::byte* data, int64_t bytes, int threads);
 // f32-accumulating kernel can read KV from cache.
 double PeakMultiplyAddsPerSecond();
 
+// The same measured on `threads` OpenMP threads at once (each running the 16 chains), summed:
+// the multiply-add peak of the cores a `threads`-thread kernel runs on.
+double PeakMultiplyAddsOnThreads(int threads);
+
 }  // namespace headwise::bench
 
 #endif  // HEADWISE_BENCH_MEMBW_H_

@@ -140,6 +140,37 @@ HWY_INLINE bool SoftmaxRow(DF df, int head_dim, float* HWY_RESTRICT s, int n, in
   return true;
 }
 
+// s[j * n + t0 + u] = sum of the lanes of acc[j][u] + row_offset[j] + bias[t0 + u] (either may
+// be null) for the B rows and U tokens of a scoring step.
+template <int B, int U, class DF>
+HWY_INLINE void ReduceScores(DF df, const hn::Vec<DF> (&acc)[B][U], int t0, int n,
+                             const float* row_offset, const float* bias, float* HWY_RESTRICT s) {
+  float sums[B * U];
+  if constexpr (B * U % 8 == 0) {
+    HEADWISE_UNROLL
+    for (int base = 0; base < B * U; base += 8) {
+      hn::Vec<DF> flat[8];
+      HEADWISE_UNROLL
+      for (int i = 0; i < 8; ++i) flat[i] = acc[(base + i) / U][(base + i) % U];
+      SumOfLanes8(df, flat, sums + base);
+    }
+  } else {
+    HEADWISE_UNROLL
+    for (int j = 0; j < B; ++j) {
+      HEADWISE_UNROLL
+      for (int u = 0; u < U; ++u) sums[j * U + u] = hn::GetLane(hn::SumOfLanes(df, acc[j][u]));
+    }
+  }
+  HEADWISE_UNROLL
+  for (int u = 0; u < U; ++u) {
+    const float b = bias != nullptr ? bias[t0 + u] : 0.0f;
+    HEADWISE_UNROLL
+    for (int j = 0; j < B; ++j) {
+      s[j * n + t0 + u] = sums[j * U + u] + b + (row_offset != nullptr ? row_offset[j] : 0.0f);
+    }
+  }
+}
+
 // Scores U tokens starting at t0 for the B rows: s[j * n + t] = q_j . k_t + row_offset[j] +
 // bias[t], where load(t, c) returns the f32 lanes of key channels c.. of token t (converted or
 // dequantized in registers). row_offset and bias may be null.
@@ -165,30 +196,7 @@ HWY_INLINE void ScoreTokenGroup(DF df, int head_dim, const float* HWY_RESTRICT q
       for (int u = 0; u < U; ++u) acc[j][u] = hn::MulAdd(qv, kv[u], acc[j][u]);
     }
   }
-  float sums[B * U];
-  if constexpr (B * U % 8 == 0) {
-    HEADWISE_UNROLL
-    for (int base = 0; base < B * U; base += 8) {
-      hn::Vec<DF> flat[8];
-      HEADWISE_UNROLL
-      for (int i = 0; i < 8; ++i) flat[i] = acc[(base + i) / U][(base + i) % U];
-      SumOfLanes8(df, flat, sums + base);
-    }
-  } else {
-    HEADWISE_UNROLL
-    for (int j = 0; j < B; ++j) {
-      HEADWISE_UNROLL
-      for (int u = 0; u < U; ++u) sums[j * U + u] = hn::GetLane(hn::SumOfLanes(df, acc[j][u]));
-    }
-  }
-  HEADWISE_UNROLL
-  for (int u = 0; u < U; ++u) {
-    const float b = bias != nullptr ? bias[t0 + u] : 0.0f;
-    HEADWISE_UNROLL
-    for (int j = 0; j < B; ++j) {
-      s[j * n + t0 + u] = sums[j * U + u] + b + (row_offset != nullptr ? row_offset[j] : 0.0f);
-    }
-  }
+  ReduceScores<B, U>(df, acc, t0, n, row_offset, bias, s);
 }
 
 // ScoreTokenGroup over tokens [t_begin, t_end) of the n, U tokens at a time so that B * U

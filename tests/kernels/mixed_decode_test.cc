@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
+#include "hwy/targets.h"
 #include "kernels/attention.h"
 #include "tests/kernels/mixed_kv_fixture.h"
 #include "tests/kernels/paged_kv_fixture.h"
@@ -124,6 +125,25 @@ TEST(MixedDecode, MixedPrecisionSparseHeadsAcrossGroupsAndThreads) {
       }
     }
   }
+}
+
+// Every SIMD target compiled in (AVX-512, AVX2, SSE4, scalar... as this CPU supports them),
+// forced in turn: the AVX2-only machines run a different loop than the AVX-512 ones.
+TEST(MixedDecode, EverySupportedSimdTargetMatchesFloat64) {
+  const std::vector<PageFormat> formats(std::begin(kAllFormats), std::end(kAllFormats));
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    for (int d : {8, 96, 128}) {
+      for (int g : {8, 32}) {
+        if (d % g != 0) continue;
+        SCOPED_TRACE(absl::StrFormat("%s d=%d G=%d", hwy::TargetName(target), d, g));
+        const MixedPagedKv kv(d, 32, g, RandomSpecs(2, 9, 32, formats, /*full=*/false, d + g),
+                              static_cast<uint32_t>(target % 1000 + d));
+        CheckAgainstStored(kv, /*group=*/4, /*threads=*/1, d * g);
+      }
+    }
+  }
+  hwy::SetSupportedTargetsForTest(0);  // Back to the CPU's own targets.
 }
 
 TEST(MixedDecode, HeadWithoutPagesAndOneTokenPages) {
