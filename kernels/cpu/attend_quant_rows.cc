@@ -66,6 +66,59 @@ HWY_INLINE void LoadCodeBlock(DF df, const uint8_t* HWY_RESTRICT row, int c,
   }
 }
 
+// Channel order for value codes where it is cheap: int8 needs no reordering, int4 blocks of 16
+// bytes are split into nibbles and interleaved back by two byte shuffles (full 128-bit u8
+// vectors, 16 f32 lanes), int2 blocks of 8 bytes by two rounds of shuffles (8 f32 lanes). Vector v
+// then holds channels c + v L .. c + v L + L - 1.
+template <int kBits, class DF>
+constexpr bool kNaturalValues = kBits == 8 || (kBits == 4 && hn::MaxLanes(DF()) == 16) ||
+                                (kBits == 2 && hn::MaxLanes(DF()) == 8 && HWY_TARGET <= HWY_AVX2);
+
+template <int kBits, class DF>
+HWY_INLINE void LoadCodeBlockNatural(DF df, const uint8_t* HWY_RESTRICT row, int c,
+                                     hn::Vec<DF>* HWY_RESTRICT out) {
+  if constexpr (kBits == 8) {
+    LoadCodeBlock<8>(df, row, c, out);
+  } else if constexpr (kBits == 2) {
+    static_assert(hn::MaxLanes(DF()) == 8, "int2 with 8 lanes");
+#if HWY_TARGET <= HWY_AVX2
+    const hn::Full128<uint8_t> d8;
+    const hn::Full128<uint16_t> d16;
+    const hn::Rebind<uint32_t, DF> du;
+    const hn::RebindToSigned<DF> di;
+    const auto bytes = hn::LoadU(d8, row + c / 4);  // 8 bytes used: 32 channels.
+    const auto mask = hn::Set(d8, uint8_t{3});
+    const auto c0 = hn::And(bytes, mask);
+    const auto c1 = hn::And(hn::ShiftRight<2>(bytes), mask);
+    const auto c2 = hn::And(hn::ShiftRight<4>(bytes), mask);
+    const auto c3 = hn::ShiftRight<6>(bytes);
+    const auto pairs01 = hn::BitCast(d16, hn::InterleaveLower(d8, c0, c1));
+    const auto pairs23 = hn::BitCast(d16, hn::InterleaveLower(d8, c2, c3));
+    const auto first = hn::BitCast(d8, hn::InterleaveLower(d16, pairs01, pairs23));
+    const auto second = hn::BitCast(d8, hn::InterleaveUpper(d16, pairs01, pairs23));
+    const auto f32 = [&](auto half) {
+      return hn::ConvertTo(df, hn::BitCast(di, hn::PromoteTo(du, half)));
+    };
+    out[0] = f32(hn::LowerHalf(first));
+    out[1] = f32(hn::UpperHalf(hn::Half<decltype(d8)>(), first));
+    out[2] = f32(hn::LowerHalf(second));
+    out[3] = f32(hn::UpperHalf(hn::Half<decltype(d8)>(), second));
+#endif
+  } else {
+    static_assert(kBits == 4 && hn::MaxLanes(DF()) == 16, "int4 with 16 lanes");
+#if HWY_TARGET != HWY_SCALAR  // (16 lanes never occur there.)
+    const hn::Full128<uint8_t> d8;
+    const hn::RebindToUnsigned<DF> du;
+    const hn::RebindToSigned<DF> di;
+    const auto bytes = hn::LoadU(d8, row + c / 2);
+    const auto lo = hn::And(bytes, hn::Set(d8, uint8_t{15}));
+    const auto hi = hn::ShiftRight<4>(bytes);
+    out[0] = hn::ConvertTo(df, hn::BitCast(di, hn::PromoteTo(du, hn::InterleaveLower(d8, lo, hi))));
+    out[1] = hn::ConvertTo(df, hn::BitCast(di, hn::PromoteTo(du, hn::InterleaveUpper(d8, lo, hi))));
+#endif
+  }
+}
+
 // The parts of one KIVI page.
 struct QuantPage {
   const uint8_t* k_codes;
@@ -213,13 +266,16 @@ HWY_INLINE void ScoreQuantTokens(DF df, int head_dim, const float* HWY_RESTRICT 
   }
 }
 
-// tile_j += sum_t w[j * n + t] * codes_t for the B rows, in block order, U blocks (U k vectors)
-// at a time; weights(c) gives the w of the value group holding channels [c, c + U L k).
+// tile_j += sum_t w[j * n + t] * codes_t for the B rows, U blocks (U k vectors) at a time;
+// weights(c) gives the w of the value group holding channels [c, c + U L k). With
+// kNaturalValues the tile is o itself, in channel order (accumulated onto); otherwise a scratch
+// tile in block order (overwritten), added to o by AddTileInChannelOrder.
 template <int B, int U, int kBits, class DF, class Weights>
 HWY_INLINE void AccumulateQuantValues(DF df, int head_dim, Weights weights, int n,
                                       const uint8_t* codes, int row_bytes,
                                       float* HWY_RESTRICT tile) {
   constexpr int k = 8 / kBits;
+  constexpr bool kNatural = kNaturalValues<kBits, DF>;
   const int lanes = static_cast<int>(hn::Lanes(df));
   for (int c = 0; c < head_dim; c += U * lanes * k) {
     const float* HWY_RESTRICT p = weights(c);
@@ -227,13 +283,19 @@ HWY_INLINE void AccumulateQuantValues(DF df, int head_dim, Weights weights, int 
     HEADWISE_UNROLL
     for (int j = 0; j < B; ++j) {
       HEADWISE_UNROLL
-      for (int u = 0; u < U * k; ++u) acc[j][u] = hn::Zero(df);
+      for (int u = 0; u < U * k; ++u) {
+        acc[j][u] = kNatural ? hn::LoadU(df, tile + j * head_dim + c + u * lanes) : hn::Zero(df);
+      }
     }
     for (int t = 0; t < n; ++t) {
       hn::Vec<DF> vv[U * k];
       HEADWISE_UNROLL
       for (int u = 0; u < U; ++u) {
-        LoadCodeBlock<kBits>(df, codes + t * row_bytes, c + u * lanes * k, vv + u * k);
+        if constexpr (kNatural) {
+          LoadCodeBlockNatural<kBits>(df, codes + t * row_bytes, c + u * lanes * k, vv + u * k);
+        } else {
+          LoadCodeBlock<kBits>(df, codes + t * row_bytes, c + u * lanes * k, vv + u * k);
+        }
       }
       HEADWISE_UNROLL
       for (int j = 0; j < B; ++j) {
@@ -353,8 +415,9 @@ void AttendQuantBlock(DF df, int head_dim, const float* q, const int32_t* visibl
   ValueWeights<B>(df, head_dim, group, page, n, s, scratch, o);
   const float* weights = scratch.weights.data();
   const auto weights_at = [&](int c) { return weights + static_cast<size_t>(c / group) * B * n; };
+  constexpr bool kNatural = kNaturalValues<kBits, DF>;
   scratch.tile.resize(static_cast<size_t>(B) * head_dim);
-  float* tile = scratch.tile.data();
+  float* tile = kNatural ? o : scratch.tile.data();
   // U blocks per step share one value group (U L k divides G) and fit the registers.
   constexpr int kMaxU = std::max(1, std::min(kMaxAccumulators / (B * k), 8 / k));
   const int blocks_per_group = group / (lanes * k);
@@ -365,7 +428,7 @@ void AttendQuantBlock(DF df, int head_dim, const float* q, const int32_t* visibl
     AccumulateQuantValues<B, 1, kBits>(df, head_dim, weights_at, n, page.v_codes, page.row_bytes,
                                        tile);
   }
-  AddTileInChannelOrder<B, kBits>(lanes, head_dim, tile, o);
+  if constexpr (!kNatural) AddTileInChannelOrder<B, kBits>(lanes, head_dim, tile, o);
 }
 
 template <int kBits, class DF>
