@@ -7,7 +7,8 @@
 //   * read bandwidth: median of --reps plain vectorized f32 reductions over the same pool
 //     (SumBytesAsF32), with the same thread count;
 //   * multiply-add peak: 16 independent FMA chains per thread on `threads` threads at once
-//     (PeakMultiplyAddsOnThreads), measured once per thread count;
+//     (PeakMultiplyAddsOnThreads);
+//   each a median of --reps, the three measured in turn rep by rep (the machine is shared);
 //   * roofline = max(bytes read / read bandwidth, multiply-adds / peak), where bytes read are the
 //     slots of every page (codes, scales and minimums) and multiply-adds are 2 * g * d per token
 //     per KV head (QK and PV);
@@ -161,6 +162,11 @@ double MedianSeconds(int reps, Fn fn) {
   return t[t.size() / 2];
 }
 
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 struct Options {
   std::vector<int64_t> tokens = {65536, int64_t{1} << 20};
   std::vector<int> threads = {1, 2};
@@ -229,8 +235,6 @@ Options ParseOptions(int argc, char** argv) {
 int main(int argc, char** argv) {
   using namespace headwise::bench;  // NOLINT: a program's main.
   const Options opt = ParseOptions(argc, argv);
-  std::map<int, double> peak;  // Multiply-adds per second, per thread count.
-  for (int t : opt.threads) peak[t] = PeakMultiplyAddsOnThreads(t);
   std::printf("%-5s %8s %3s %10s %8s %8s %9s %11s %7s %9s %6s\n", "fmt", "tokens", "thr",
               "kernel_ms", "KV_GB/s", "mem_GB/s", "peak_GMA", "roofline_ms", "ratio", "Mtok/s",
               "vs_f16");
@@ -251,21 +255,22 @@ int main(int argc, char** argv) {
         args.num_threads = threads;
         const auto kv = cache.view();
         if (!headwise::kernels::DecodeAttention(kv, args).ok()) return 1;  // Also a warm-up.
-        // Kernel and bandwidth timed alternately, so load on the machine hits both alike.
-        std::vector<double> kernel_t, read_t;
+        // Kernel, bandwidth and multiply-add peak measured in turn, rep by rep, so that load from
+        // other users of the machine hits all three alike; medians of each.
+        std::vector<double> kernel_t, read_t, peak_r;
         for (int r = 0; r < opt.reps; ++r) {
           kernel_t.push_back(MedianSeconds(1, [&] { (void)DecodeAttention(kv, args); }));
           read_t.push_back(MedianSeconds(1, [&] {
             volatile float sink = SumBytesAsF32(cache.pool(), cache.pool_bytes(), threads);
             (void)sink;
           }));
+          peak_r.push_back(PeakMultiplyAddsOnThreads(threads));
         }
-        std::sort(kernel_t.begin(), kernel_t.end());
-        std::sort(read_t.begin(), read_t.end());
-        const double kernel_s = kernel_t[kernel_t.size() / 2];
-        const double read_s = read_t[read_t.size() / 2];
+        const double kernel_s = Median(kernel_t);
+        const double read_s = Median(read_t);
+        const double peak = Median(peak_r);
         const double madds = 2.0 * (kQHeads / kKvHeads) * kHeadDim * double(tokens) * kKvHeads;
-        const double roofline_s = std::max(read_s, madds / peak[threads]);
+        const double roofline_s = std::max(read_s, madds / peak);
         const double rate = double(tokens) * kKvHeads / kernel_s;
         if (format == PageFormat::kF16) f16_rate[threads] = rate;
         const double vs_f16 = f16_rate.count(threads) ? rate / f16_rate[threads] : 0.0;
@@ -273,14 +278,13 @@ int main(int argc, char** argv) {
         std::printf("%-5s %8lld %3d %10.3f %8.2f %8.2f %9.1f %11.3f %7.2f %9.1f %6.2f\n", name,
                     static_cast<long long>(tokens), threads, kernel_s * 1e3,
                     cache.pool_bytes() / kernel_s / 1e9, cache.pool_bytes() / read_s / 1e9,
-                    peak[threads] / 1e9, roofline_s * 1e3, roofline_s / kernel_s, rate / 1e6,
-                    vs_f16);
+                    peak / 1e9, roofline_s * 1e3, roofline_s / kernel_s, rate / 1e6, vs_f16);
         if (opt.json) {
           std::printf(
               "{\"format\":\"%s\",\"tokens\":%lld,\"threads\":%d,\"kernel_s\":%.6g,"
               "\"read_s\":%.6g,\"madd_s\":%.6g,\"roofline_s\":%.6g,\"bytes\":%lld}\n",
-              name, static_cast<long long>(tokens), threads, kernel_s, read_s,
-              madds / peak[threads], roofline_s, static_cast<long long>(cache.pool_bytes()));
+              name, static_cast<long long>(tokens), threads, kernel_s, read_s, madds / peak,
+              roofline_s, static_cast<long long>(cache.pool_bytes()));
         }
         std::fflush(stdout);
       }
