@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "cachesvc/base/cancellation.h"
 #include "cachesvc/base/status_macros.h"
 #include "cachesvc/engine.h"
 #include "cachesvc/engine_internal.h"
@@ -318,6 +319,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
       args.o = o;
       args.lse = lse;
       args.num_threads = options_.compute_threads;
+      args.cancel = CurrentCancellation();
       st =
           kernels::PrefillAttention(ViewOf(*s.pools().device, layout, staged.indptr, staged.indices,
                                            staged.last_page_len, staged.page_len, H),
@@ -361,6 +363,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
         args.o = oh.data();
         args.lse = lh.data();
         args.num_threads = options_.compute_threads;
+        args.cancel = CurrentCancellation();
         st = kernels::PrefillAttention(ViewOf(*s.pools().device, layout, cur.indptr, cur.indices,
                                               cur.last_page_len, cur.page_len, 1),
                                        args);
@@ -377,6 +380,8 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
     Unstage(next_staged);
   }
   RETURN_IF_ERROR(st);
+  // The last point a cancel stops the call: nothing has changed yet.
+  if (CallCancelled()) return absl::CancelledError("prefill cancelled before its append");
   return AppendLocked(s, layer, k, v, num_tokens, before_commit);
 }
 

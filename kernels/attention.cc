@@ -151,6 +151,9 @@ absl::Status PrefillAttention(const PagedKvView& kv, const PrefillArgs& args) {
   } else {
     cpu::Prefill(kv, args);
   }
+  if (args.cancel != nullptr && args.cancel->load(std::memory_order_relaxed)) {
+    return absl::CancelledError("prefill cancelled");
+  }
   return absl::OkStatus();
 }
 

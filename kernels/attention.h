@@ -27,6 +27,7 @@
 #ifndef HEADWISE_KERNELS_ATTENTION_H_
 #define HEADWISE_KERNELS_ATTENTION_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -168,6 +169,10 @@ struct PrefillArgs {
   float* o = nullptr;    // [T][num_q_heads][head_dim], required.
   float* lse = nullptr;  // [T][num_q_heads], optional.
   int num_threads = 1;
+  // Optional. When it reads true the kernel starts no further tile and PrefillAttention returns
+  // CANCELLED (outputs then undefined); checked between tiles, so a cancel takes effect within
+  // one tile's work.
+  const std::atomic<bool>* cancel = nullptr;
 };
 absl::Status PrefillAttention(const PagedKvView& kv, const PrefillArgs& args);
 

@@ -103,6 +103,24 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
   return token;
 }
 
+namespace {
+
+void ResolveAdmission(headwise::v1::AdmissionConfig& a) {
+  if (!a.has_max_calls_per_tenant()) a.set_max_calls_per_tenant(kDefaultMaxCallsPerTenant);
+  if (!a.has_max_queued_bytes_per_tenant()) {
+    a.set_max_queued_bytes_per_tenant(kDefaultMaxQueuedBytesPerTenant);
+  }
+  if (!a.has_max_queued_calls()) a.set_max_queued_calls(kDefaultMaxQueuedCalls);
+  if (!a.has_max_prefill_tokens_per_call()) {
+    a.set_max_prefill_tokens_per_call(kDefaultMaxPrefillTokensPerCall);
+  }
+  if (!a.has_max_append_tokens_per_call()) {
+    a.set_max_append_tokens_per_call(kDefaultMaxAppendTokensPerCall);
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<DaemonConfig> ResolveConfig(DaemonConfig config, const std::string& default_token) {
   if (!config.has_unix_socket()) config.set_unix_socket(kDefaultUnixSocket);
   if (!config.has_metrics_address()) config.set_metrics_address(kDefaultMetricsAddress);
@@ -117,6 +135,7 @@ absl::StatusOr<DaemonConfig> ResolveConfig(DaemonConfig config, const std::strin
   if (!config.has_shutdown_grace_ms()) config.set_shutdown_grace_ms(kDefaultShutdownGraceMs);
   if (!config.has_log_level()) config.set_log_level(kDefaultLogLevel);
   if (!config.has_copy_threads()) config.set_copy_threads(kDefaultCopyThreads);
+  ResolveAdmission(*config.mutable_admission());
   if (config.tenants().empty()) {
     auto* tenant = config.add_tenants();
     tenant->set_name("default");
@@ -151,6 +170,12 @@ absl::StatusOr<DaemonConfig> ResolveConfig(DaemonConfig config, const std::strin
   }
   if (config.worker_threads() < 1 || config.copy_threads() < 1) {
     return absl::InvalidArgumentError("config: worker_threads and copy_threads must be >= 1");
+  }
+  const auto& admission = config.admission();
+  if (admission.max_calls_per_tenant() < 1 || admission.max_queued_bytes_per_tenant() < 1 ||
+      admission.max_queued_calls() < 1 || admission.max_prefill_tokens_per_call() < 1 ||
+      admission.max_append_tokens_per_call() < 1) {
+    return absl::InvalidArgumentError("config: every admission limit must be >= 1");
   }
   if (config.shutdown_grace_ms() < 0) {
     return absl::InvalidArgumentError("config: shutdown_grace_ms must be >= 0");

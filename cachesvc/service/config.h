@@ -27,6 +27,12 @@ inline constexpr int kDefaultWorkerThreads = 4;
 inline constexpr int kDefaultShutdownGraceMs = 5000;
 inline constexpr char kDefaultLogLevel[] = "info";
 inline constexpr int kDefaultCopyThreads = 2;
+// AdmissionConfig defaults.
+inline constexpr uint32_t kDefaultMaxCallsPerTenant = 64;
+inline constexpr uint64_t kDefaultMaxQueuedBytesPerTenant = uint64_t{256} << 20;
+inline constexpr uint32_t kDefaultMaxQueuedCalls = 1024;
+inline constexpr uint32_t kDefaultMaxPrefillTokensPerCall = 32768;
+inline constexpr uint32_t kDefaultMaxAppendTokensPerCall = 65536;
 // Largest config file LoadConfigFile reads.
 inline constexpr uint64_t kMaxConfigFileBytes = uint64_t{1} << 20;
 // Largest TLS file (tls.cert_path, key_path, client_ca_path) the server reads.

@@ -2,6 +2,7 @@
 // stream: read, run the step on the worker pool, write its answer, read the next. The reactor
 // never blocks a gRPC thread.
 #include <string>
+#include <utility>
 
 #include "cachesvc/service/headwise_service.h"
 
@@ -30,7 +31,17 @@ class HeadwiseService::DecodeStreamReactor
       Finish(grpc::Status::OK);
       return;
     }
-    service_->workers_->Schedule([this] { Step(); });
+    FairScheduler::Job job;
+    job.tenant = tenant_;
+    job.lane = request_.ByteSizeLong() > static_cast<size_t>(kInteractiveBytes)
+                   ? Lane::kBulk
+                   : Lane::kInteractive;
+    job.bytes = static_cast<int64_t>(request_.ByteSizeLong());
+    SetTenantLimits(*tenant_, job);
+    job.run = [this] { Step(); };
+    job.drop = [this](absl::Status status) { Refuse(status); };
+    absl::StatusOr<FairScheduler::JobId> id = service_->scheduler_->Submit(std::move(job));
+    if (!id.ok()) Refuse(id.status());
   }
 
   void OnWriteDone(bool ok) override {
@@ -62,6 +73,11 @@ class HeadwiseService::DecodeStreamReactor
       return;
     }
     StartWrite(&response_);
+  }
+
+  void Refuse(const absl::Status& status) {
+    service_->Record("DecodeStream", tenant_, absl::Now(), status);
+    Finish(ToGrpcStatus(status));
   }
 
   HeadwiseService* const service_;

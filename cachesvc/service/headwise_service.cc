@@ -38,13 +38,13 @@ std::string StatusCodeName(absl::StatusCode code) { return absl::StatusCodeToStr
 HeadwiseService::HeadwiseService(const HeadwiseServiceOptions& options)
     : options_(options),
       engine_(options.engine),
-      workers_(std::make_unique<WorkerPool>(options.worker_threads)) {
+      scheduler_(std::make_unique<FairScheduler>(options.worker_threads, options.admission)) {
   for (const auto& tenant : options_.tenants->tenants()) {
     tenant_states_[tenant.get()] = std::make_unique<TenantState>(*tenant);
   }
 }
 
-HeadwiseService::~HeadwiseService() { workers_.reset(); }
+HeadwiseService::~HeadwiseService() { scheduler_.reset(); }
 
 HeadwiseService::Shard& HeadwiseService::ShardFor(const std::string& handle) {
   return shards_[absl::HashOf(handle) % kNumShards];

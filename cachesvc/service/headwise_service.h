@@ -1,8 +1,11 @@
 // HeadwiseService: the gRPC callback service of proto/headwise/v1/service.proto over an Engine.
 //
 // Threading: every RPC method runs on a gRPC thread and only authenticates (a constant-time
-// token compare) and hands the request to the WorkerPool; the worker does the engine work and
-// finishes the reactor (Health, which does no engine work, is answered on the gRPC thread).
+// token compare) and submits the request to the FairScheduler (scheduler.h: per-tenant
+// admission, an interactive and a bulk lane, tenants in turn); a worker does the engine work and
+// finishes the reactor (Health, which does no engine work, is answered on the gRPC thread). A
+// call the scheduler refuses is RESOURCE_EXHAUSTED; a queued call whose client cancels (or whose
+// deadline passes) leaves the queue at once; a running one stops its prefill between chunks.
 // DecodeStream runs one step at a time per stream: read, work on the pool, write, read again.
 //
 // Tenancy: a tenant is authenticated from the `authorization: Bearer <token>` metadata of every
@@ -65,17 +68,20 @@
 #include "cachesvc/engine.h"
 #include "cachesvc/service/durable_log.h"
 #include "cachesvc/service/metrics.h"
+#include "cachesvc/service/scheduler.h"
 #include "cachesvc/service/staging.h"
 #include "cachesvc/service/step_ledger.h"
 #include "cachesvc/service/tenants.h"
 #include "cachesvc/service/tensor_io.h"
-#include "cachesvc/service/worker_pool.h"
 #include "headwise/v1/service.grpc.pb.h"
 
 namespace headwise {
 
 // absl::Status -> grpc::Status; the codes are the same numbers.
 grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// Copies the tenant's own admission limits (TenantQuota.max_calls, max_queued_bytes) into `job`.
+void SetTenantLimits(const Tenant& tenant, FairScheduler::Job& job);
 
 // "OK", "NOT_FOUND", ... (the gRPC code names, for metrics and logs).
 std::string StatusCodeName(absl::StatusCode code);
@@ -94,6 +100,12 @@ struct HeadwiseServiceOptions {
   DurableLog* durable_log = nullptr;
   // Threads of the worker pool. Default: 4.
   int worker_threads = 4;
+  // Admission control in front of the workers (scheduler.h).
+  AdmissionLimits admission;
+  // Most tokens one Prefill call may carry (its cost is tokens x context). Default: 32768.
+  int64_t max_prefill_tokens_per_call = 32768;
+  // Most tokens one Append or AppendLayers call may carry. Default: 65536.
+  int64_t max_append_tokens_per_call = 65536;
   // Reported by Health. Default: "0.1.0".
   std::string version = "0.1.0";
 };
@@ -113,6 +125,9 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
 
   // Live sequences over all tenants.
   int64_t num_sequences() const;
+
+  // The scheduler's queue depths and admission counters (metrics).
+  FairScheduler::Counters scheduler_counters() const { return scheduler_->counters(); }
 
   // Test seam (a sync point): while set, every data RPC that returns outputs (Attend, Prefill,
   // DecodeStep, a DecodeStream step, DecodeStepBatch) calls `hook` with the RPC's name after its
@@ -177,6 +192,7 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
 
  private:
   class DecodeStreamReactor;
+  class UnaryCall;
 
   // One live sequence as the service sees it.
   struct SequenceEntry {
@@ -246,7 +262,9 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
 
   // Authenticates from metadata, then runs `work` on the pool and finishes the reactor with its
   // status; records metrics and logs errors.
+  // `lane` is the RPC's lane; a request over kInteractiveBytes is bulk whatever its RPC.
   grpc::ServerUnaryReactor* Dispatch(const char* rpc, grpc::CallbackServerContext* ctx,
+                                     const google::protobuf::Message& request, Lane lane,
                                      std::function<absl::Status(const Tenant&)> work);
   absl::StatusOr<const Tenant*> Authenticate(grpc::CallbackServerContext* ctx) const;
   void Record(const char* rpc, const Tenant* tenant, absl::Time start,
@@ -370,7 +388,7 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   std::array<Shard, kNumShards> shards_;
   absl::Mutex bitgen_mu_;
   absl::BitGen bitgen_ ABSL_GUARDED_BY(bitgen_mu_);
-  std::unique_ptr<WorkerPool> workers_;
+  std::unique_ptr<FairScheduler> scheduler_;
 };
 
 }  // namespace headwise

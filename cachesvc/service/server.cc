@@ -176,6 +176,14 @@ absl::Status HeadwiseServer::StartImpl(const headwise::v1::DaemonConfig& config)
   service_options.metrics = &metrics_;
   service_options.durable_log = durable_log_.get();
   service_options.worker_threads = config.worker_threads();
+  const auto& admission = config.admission();
+  service_options.admission.max_calls_per_tenant =
+      static_cast<int>(admission.max_calls_per_tenant());
+  service_options.admission.max_bytes_per_tenant =
+      static_cast<int64_t>(admission.max_queued_bytes_per_tenant());
+  service_options.admission.max_queued = static_cast<int>(admission.max_queued_calls());
+  service_options.max_prefill_tokens_per_call = admission.max_prefill_tokens_per_call();
+  service_options.max_append_tokens_per_call = admission.max_append_tokens_per_call();
   service_options.version = HEADWISE_VERSION;
   service_ = std::make_unique<HeadwiseService>(service_options);
   ASSIGN_OR_RETURN(restored_, service_->Restore());
@@ -292,6 +300,25 @@ std::string HeadwiseServer::RenderMetrics() const {
                   "# HELP headwise_device_emulated 1 when host memory stands in for the GPU.\n"
                   "# TYPE headwise_device_emulated gauge\n",
                   "headwise_device_emulated ", stats.device_emulated ? 1 : 0, "\n");
+  if (service_ != nullptr) {
+    const FairScheduler::Counters q = service_->scheduler_counters();
+    absl::StrAppend(&out,
+                    "# HELP headwise_calls_queued Calls waiting for a worker, by lane.\n"
+                    "# TYPE headwise_calls_queued gauge\n",
+                    "headwise_calls_queued{lane=\"interactive\"} ", q.queued[0], "\n",
+                    "headwise_calls_queued{lane=\"bulk\"} ", q.queued[1], "\n",
+                    "# HELP headwise_calls_running Calls running on a worker, by lane.\n"
+                    "# TYPE headwise_calls_running gauge\n",
+                    "headwise_calls_running{lane=\"interactive\"} ", q.running[0], "\n",
+                    "headwise_calls_running{lane=\"bulk\"} ", q.running[1], "\n",
+                    "# HELP headwise_calls_rejected_total Calls refused by admission control.\n"
+                    "# TYPE headwise_calls_rejected_total counter\n",
+                    "headwise_calls_rejected_total ", q.rejected, "\n",
+                    "# HELP headwise_calls_cancelled_total Queued calls removed because their "
+                    "client cancelled.\n"
+                    "# TYPE headwise_calls_cancelled_total counter\n",
+                    "headwise_calls_cancelled_total ", q.cancelled, "\n");
+  }
   if (staging_ != nullptr) {
     absl::StrAppend(&out,
                     "# HELP headwise_staging_regions Open staging regions.\n"

@@ -65,6 +65,8 @@ class HeadwiseServer {
   std::string RenderMetrics() const;
   const ServiceMetrics& metrics() const { return metrics_; }
   int restored_sequences() const { return restored_; }
+  // The service (tests read its scheduler counters).
+  const HeadwiseService* service() const { return service_.get(); }
 
  private:
   HeadwiseServer() = default;

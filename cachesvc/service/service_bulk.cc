@@ -42,9 +42,9 @@ absl::Span<const std::byte> AsBytes(const std::string& s) {
 grpc::ServerUnaryReactor* HeadwiseService::AppendLayers(
     grpc::CallbackServerContext* ctx, const headwise::v1::AppendLayersRequest* request,
     headwise::v1::AppendLayersResponse* response) {
-  return Dispatch("AppendLayers", ctx, [this, request, response](const Tenant& t) {
-    return DoAppendLayers(t, *request, response);
-  });
+  return Dispatch(
+      "AppendLayers", ctx, *request, Lane::kBulk,
+      [this, request, response](const Tenant& t) { return DoAppendLayers(t, *request, response); });
 }
 
 absl::StatusOr<HeadwiseService::BulkLayers> HeadwiseService::BulkInputs(
@@ -56,6 +56,7 @@ absl::StatusOr<HeadwiseService::BulkLayers> HeadwiseService::BulkInputs(
         absl::StrCat("num_tokens ", tokens, " is not in [1, ", kMaxTokensPerCall, "]"));
   }
   const int layers = layout.num_layers;
+  RETURN_IF_ERROR(CheckCallTokens("AppendLayers", tokens, options_.max_append_tokens_per_call));
   const uint64_t layer_bytes = static_cast<uint64_t>(tokens) * layout.num_kv_heads *
                                layout.head_dim * DTypeSize(layout.dtype);
   BulkLayers in;

@@ -73,6 +73,7 @@ absl::Status HeadwiseService::DoAppend(const Tenant& tenant,
   const int layer = request.layer();
   RETURN_IF_ERROR(CheckLayer(layout, layer));
   ASSIGN_OR_RETURN(int tokens, TokenCount(request.k(), "k"));
+  RETURN_IF_ERROR(CheckCallTokens("Append", tokens, options_.max_append_tokens_per_call));
   const std::vector<int64_t> shape = {tokens, layout.num_kv_heads, layout.head_dim};
   ASSIGN_OR_RETURN(InputBytes k, Input(tenant, request.k(), "k", layout.dtype, shape));
   ASSIGN_OR_RETURN(InputBytes v, Input(tenant, request.v(), "v", layout.dtype, shape));
@@ -130,6 +131,7 @@ absl::Status HeadwiseService::DoPrefill(const Tenant& tenant,
   const int layer = request.layer();
   RETURN_IF_ERROR(CheckLayer(layout, layer));
   ASSIGN_OR_RETURN(int tokens, TokenCount(request.k(), "k"));
+  RETURN_IF_ERROR(CheckCallTokens("Prefill", tokens, options_.max_prefill_tokens_per_call));
   const std::vector<int64_t> kv_shape = {tokens, layout.num_kv_heads, layout.head_dim};
   ASSIGN_OR_RETURN(InputBytes k, Input(tenant, request.k(), "k", layout.dtype, kv_shape));
   ASSIGN_OR_RETURN(InputBytes v, Input(tenant, request.v(), "v", layout.dtype, kv_shape));

@@ -1,6 +1,7 @@
 #include "cachesvc/service/tensor_io.h"
 
 #include <cstring>
+#include <string_view>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -182,6 +183,14 @@ absl::Status CheckLayer(const ModelLayout& layout, int layer) {
         absl::StrCat("layer ", layer, " is not in [0, ", layout.num_layers, ")"));
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckCallTokens(const char* rpc, int64_t tokens, int64_t limit) {
+  if (tokens <= limit) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      absl::StrCat(rpc, " carries ", tokens, " tokens; one call may carry at most ", limit,
+                   " (admission.max_", std::string_view(rpc) == "Prefill" ? "prefill" : "append",
+                   "_tokens_per_call): split it into chunks"));
 }
 
 absl::StatusOr<int> TokenCount(const Tensor& tensor, const char* what) {

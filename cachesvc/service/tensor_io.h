@@ -50,6 +50,10 @@ absl::Status CheckLayer(const ModelLayout& layout, int layer);
 // The token count T of a [T][heads][head_dim] tensor; INVALID_ARGUMENT for another rank or T
 // outside [1, kMaxTokensPerCall].
 absl::StatusOr<int> TokenCount(const headwise::v1::Tensor& tensor, const char* what);
+
+// RESOURCE_EXHAUSTED (naming the config field) when one `rpc` call carries more than `limit`
+// tokens: a single call's cost is bounded by the daemon's per-call limits.
+absl::Status CheckCallTokens(const char* rpc, int64_t tokens, int64_t limit);
 std::vector<float> CopyFloats(absl::Span<const std::byte> bytes);
 
 // A request's input bytes: a view of inline or staged bytes, and the region that keeps a staged

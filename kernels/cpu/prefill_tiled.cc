@@ -466,6 +466,7 @@ void Prefill(const PagedKvView& kv, const PrefillArgs& args) {
     tiled::Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (size_t i = 0; i < items.size(); ++i) {
+      if (args.cancel != nullptr && args.cancel->load(std::memory_order_relaxed)) continue;
       HWY_DYNAMIC_DISPATCH(PrefillWorkItemImpl)(kv, args, scale, items[i], scratch);
     }
   }

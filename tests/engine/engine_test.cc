@@ -1,6 +1,7 @@
 #include "cachesvc/engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -8,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "cachesvc/base/cancellation.h"
 #include "gtest/gtest.h"
 #include "policies/eviction.h"
 #include "policies/head_roles.h"
@@ -91,6 +93,48 @@ TEST_F(EngineTest, OffloadModesMatchDeviceOnly) {
   EXPECT_GE(stats.device.used_bytes, stats.device_pages * pb);
   EXPECT_LE(stats.device.used_bytes,
             (stats.device_pages + uint64_t{15} * layout_.num_kv_heads * layout_.num_layers) * pb);
+}
+
+// A cancelled call (ScopedCancellation, as the daemon sets for a call whose client went away)
+// stops a prefill before its append: CANCELLED, and the sequence is exactly as it was, in every
+// placement. The same prefill without the flag then succeeds and matches the reference.
+TEST_F(EngineTest, CancelledPrefillChangesNothing) {
+  MakeEngine(EngineOptions{}, SmallLayout(DType::kF32));
+  for (auto mode : {headwise::v1::Placement::DEVICE_ONLY, headwise::v1::Placement::LAYER_OFFLOAD,
+                    headwise::v1::Placement::HEAD_OFFLOAD}) {
+    SCOPED_TRACE(mode);
+    auto seq = engine_->CreateSequence("small", Spec(mode));
+    ASSERT_TRUE(seq.ok());
+    KvHistory history(layout_);
+    AppendStep(*seq, history, 5, 3);
+    const int hq = layout_.num_q_heads, d = layout_.head_dim, chunk = 7;
+    const KvChunk c = history.MakeChunk(chunk, 11);
+    const std::vector<float> q = RandomFloats(int64_t{chunk} * hq * d, 12);
+    std::vector<float> o(q.size()), lse(int64_t{chunk} * hq);
+    const EngineStats before = engine_->GetStats();
+    std::atomic<bool> cancelled{true};
+    {
+      ScopedCancellation scope(&cancelled);
+      const absl::Status st = engine_->Prefill(*seq, LayerId(0), q, c.k, c.v, chunk, layout_.dtype,
+                                               absl::MakeSpan(o), absl::MakeSpan(lse));
+      EXPECT_EQ(st.code(), absl::StatusCode::kCancelled) << st;
+    }
+    auto info = engine_->GetSequenceStats(*seq);
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ(info->layer_lengths[0], 5);
+    const EngineStats after = engine_->GetStats();
+    EXPECT_EQ(after.device.used_bytes, before.device.used_bytes);
+    EXPECT_EQ(after.host.used_bytes, before.host.used_bytes);
+    ASSERT_TRUE(engine_
+                    ->Prefill(*seq, LayerId(0), q, c.k, c.v, chunk, layout_.dtype,
+                              absl::MakeSpan(o), absl::MakeSpan(lse))
+                    .ok());
+    history.Record(0, c);
+    std::vector<double> ro, rlse;
+    const std::vector<float> q_last(q.end() - int64_t{hq} * d, q.end());
+    history.Reference(0, q_last, &ro, &rlse);
+    EXPECT_LT(MaxRelError(o.data() + int64_t{chunk - 1} * hq * d, ro), kTol);
+  }
 }
 
 TEST_F(EngineTest, PrefillMatchesCausalReferenceInEveryMode) {
