@@ -123,7 +123,10 @@ void ResolveAdmission(headwise::v1::AdmissionConfig& a) {
 
 absl::StatusOr<DaemonConfig> ResolveConfig(DaemonConfig config, const std::string& default_token) {
   if (!config.has_unix_socket()) config.set_unix_socket(kDefaultUnixSocket);
-  if (!config.has_metrics_address()) config.set_metrics_address(kDefaultMetricsAddress);
+  if (!config.has_metrics_address()) {
+    // Off by default on a multi-tenant daemon: the loopback is shared by every local user.
+    config.set_metrics_address(config.tenants().empty() ? kDefaultMetricsAddress : "");
+  }
   if (!config.has_data_dir()) config.set_data_dir(kDefaultDataDir);
   if (!config.has_device_budget_bytes()) config.set_device_budget_bytes(kDefaultDeviceBudgetBytes);
   if (!config.has_host_budget_bytes()) config.set_host_budget_bytes(kDefaultHostBudgetBytes);

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "cachesvc/service/tenants.h"
 
 namespace headwise {
 
@@ -56,10 +57,19 @@ void ServiceMetrics::Render(std::string* out) const {
 }
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
-    const std::string& host, int port, std::function<std::string()> render) {
+    const std::string& host, int port, std::function<std::string()> render,
+    const std::string& token) {
   std::unique_ptr<MetricsHttpServer> server(new MetricsHttpServer());
   server->server_ = std::make_unique<httplib::Server>();
-  server->server_->Get("/metrics", [render](const httplib::Request&, httplib::Response& res) {
+  const std::string expected = token.empty() ? "" : "Bearer " + token;
+  server->server_->Get("/metrics", [render, expected](const httplib::Request& req,
+                                                      httplib::Response& res) {
+    if (!expected.empty() && !ConstantTimeEquals(req.get_header_value("Authorization"), expected)) {
+      res.status = 401;
+      res.set_header("WWW-Authenticate", "Bearer");
+      res.set_content("unauthorized\n", "text/plain");
+      return;
+    }
     res.set_content(render(), "text/plain; version=0.0.4; charset=utf-8");
   });
   server->server_->Get("/healthz", [](const httplib::Request&, httplib::Response& res) {

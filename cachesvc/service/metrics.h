@@ -56,9 +56,12 @@ class ServiceMetrics {
 class MetricsHttpServer {
  public:
   // Binds `host`:`port` (port 0: any free port) and starts serving. `render` produces the body
-  // of /metrics; it is called on the server's threads. INTERNAL when the address cannot be bound.
+  // of /metrics; it is called on the server's threads. With a non-empty `token`, /metrics is 401
+  // unless the request carries `Authorization: Bearer <token>`. INTERNAL when the address cannot
+  // be bound.
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(
-      const std::string& host, int port, std::function<std::string()> render);
+      const std::string& host, int port, std::function<std::string()> render,
+      const std::string& token = "");
   // Stops the listener and joins its thread.
   ~MetricsHttpServer();
 

@@ -234,8 +234,9 @@ absl::Status HeadwiseServer::StartImpl(const headwise::v1::DaemonConfig& config)
   if (!config.metrics_address().empty()) {
     int port = 0;
     RETURN_IF_ERROR(SplitHostPort(config.metrics_address(), &metrics_host_, &port));
-    ASSIGN_OR_RETURN(
-        http_, MetricsHttpServer::Start(metrics_host_, port, [this] { return RenderMetrics(); }));
+    ASSIGN_OR_RETURN(http_, MetricsHttpServer::Start(
+                                metrics_host_, port, [this] { return RenderMetrics(); },
+                                config.metrics_token()));
   }
   spdlog::info(
       "headwised started: version={} unix={} tcp={} tls={} metrics={} data_dir={} "

@@ -566,6 +566,34 @@ TEST_F(ServiceTest, MetricsEndpointServesPrometheusText) {
   }
 }
 
+// A metrics token makes /metrics 401 without it (and with a wrong one); /healthz stays open. A
+// daemon with tenants configured serves no metrics unless its config names an address.
+TEST_F(ServiceTest, MetricsTokenAndMultiTenantDefault) {
+  headwise::v1::DaemonConfig bare = config_;
+  bare.clear_metrics_address();
+  auto resolved = ResolveConfig(bare, "");
+  ASSERT_TRUE(resolved.ok());
+  EXPECT_EQ(resolved->metrics_address(), "");
+  config_.set_metrics_address("127.0.0.1:0");
+  config_.set_metrics_token("metrics-secret-42");
+  StartServer();
+  httplib::Client client("127.0.0.1", server_->metrics_port());
+  auto denied = client.Get("/metrics");
+  ASSERT_TRUE(denied);
+  EXPECT_EQ(denied->status, 401);
+  EXPECT_EQ(denied->body.find("headwise_"), std::string::npos);
+  auto wrong = client.Get("/metrics", {{"Authorization", "Bearer metrics-secret-43"}});
+  ASSERT_TRUE(wrong);
+  EXPECT_EQ(wrong->status, 401);
+  auto ok = client.Get("/metrics", {{"Authorization", "Bearer metrics-secret-42"}});
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200);
+  EXPECT_NE(ok->body.find("headwise_sequences 0"), std::string::npos);
+  auto health = client.Get("/healthz");
+  ASSERT_TRUE(health);
+  EXPECT_EQ(health->status, 200);
+}
+
 TEST_F(ServiceTest, StatsAndForkAndTenantUsage) {
   StartServer();
   RegisterLayout();
