@@ -409,6 +409,7 @@ absl::StatusOr<SequenceStats> Engine::GetSequenceStats(const SequenceId& seq, St
   out.host_pages = s->pages_in[static_cast<int>(Tier::kHost)];
   out.disk_pages = s->pages_in[static_cast<int>(Tier::kDisk)];
   out.retained_tokens = s->retained_tokens;
+  out.prefetch = s->prefetch;
   if (detail == StatsDetail::kWithSharing) {
     out.shared_pages = 0;
     for (const HeadTable& t : s->heads) {
@@ -435,6 +436,11 @@ EngineStats Engine::GetStats() const {
   out.cow_copies = cow_copies_.load(std::memory_order_relaxed);
   out.disk_delete_failures = disk_delete_failures_.load(std::memory_order_relaxed);
   out.disk_bytes = static_cast<uint64_t>(disk_bytes_.load(std::memory_order_relaxed));
+  out.prefetch.prefetched_pages = prefetch_counts_[0].load(std::memory_order_relaxed);
+  out.prefetch.used_pages = prefetch_counts_[1].load(std::memory_order_relaxed);
+  out.prefetch.needed_pages = prefetch_counts_[2].load(std::memory_order_relaxed);
+  out.prefetch.late_pages = prefetch_counts_[3].load(std::memory_order_relaxed);
+  out.prefetch.late_bytes = prefetch_counts_[4].load(std::memory_order_relaxed);
   // The shared budgets know the tiers' true combined peaks; a sum of per-pool peaks would not.
   out.device = TierUsage{device_budget_.used(), device_budget_.peak(), device_budget_.capacity()};
   out.host = TierUsage{host_budget_.used(), host_budget_.peak(), host_budget_.capacity()};

@@ -107,6 +107,18 @@ struct TierUsage {
   uint64_t budget_bytes = 0;  // The tier's byte budget (EngineOptions), shared by its pools.
 };
 
+// How well pages copied to the device ahead of need matched what attention then read, under the
+// offload placements (layer_offload: the Prefetcher's layers or, with a page selector, the pages
+// it predicts; head_offload: the next heads). Precision = used / prefetched; recall = used /
+// needed; late pages were needed but not there in time (copied at demand priority).
+struct PrefetchCounts {
+  int64_t prefetched_pages = 0;  // Pages copied ahead of need.
+  int64_t used_pages = 0;        // Of those, pages attention read (the copy was reused).
+  int64_t needed_pages = 0;      // Pages attention read that had to be on the device.
+  int64_t late_pages = 0;        // Needed pages not prefetched: copied on demand.
+  int64_t late_bytes = 0;        // late_pages * page bytes.
+};
+
 struct EngineStats {
   TierUsage device;
   TierUsage host;
@@ -139,6 +151,8 @@ struct EngineStats {
   // Disk pages that could not be deleted when they were freed or fetched back: their bytes stay
   // in the RocksDB store until it is wiped (the daemon wipes its spill store at start).
   int64_t disk_delete_failures = 0;
+  // Prefetch quality over every sequence.
+  PrefetchCounts prefetch;
 };
 
 struct SequenceStats {
@@ -158,6 +172,8 @@ struct SequenceStats {
   int64_t disk_bytes = 0;
   // Tokens currently held over every (layer, head), after eviction.
   int64_t retained_tokens = 0;
+  // Prefetch quality of this sequence.
+  PrefetchCounts prefetch;
   // Pages this sequence dropped whole, and tokens it dropped (whole pages and single tokens).
   int64_t evicted_pages = 0;
   int64_t evicted_tokens = 0;
@@ -402,10 +418,11 @@ class Engine {
   // layer_offload's staging kept across calls (Sequence::layer_stage). REQUIRES: s.mu held.
   // Restage: `layer`'s view, reusing the kept copies of pages unchanged since (page and version
   // equal) and copying the rest. PrefetchLayers: stages the layers the Prefetcher names after
-  // `layer`, best effort. SettleLayer: waits for `layer`'s kept copies (before its pages are
+  // `layer`, best effort (with a page selector: the pages PredictPages names, from the query
+  // proxy or `q`). SettleLayer: waits for `layer`'s kept copies (before its pages are
   // written). DropLayerStages: releases every kept staging.
   absl::Status Restage(Sequence& s, int layer, Staging& kept, const PageLists* lists, Staging& out);
-  void PrefetchLayers(Sequence& s, int layer);
+  void PrefetchLayers(Sequence& s, int layer, const float* q);
   void SettleLayer(Sequence& s, int layer);
   void DropLayerStages(Sequence& s);
   static void Unstage(Staging& staging);
@@ -461,6 +478,17 @@ class Engine {
                                  PageLists& storage);
   const PageLists* SelectPages(Sequence& s, int layer, const float* q, const PageLists* base,
                                PageLists& out);
+  // Brings HeadTable::key_bounds up to date with the pages' payloads (engine_select.cc).
+  void RefreshKeyBounds(Sequence& s, HeadTable& t);
+  // What the page selector sees of (layer, h): pages, scores and, when it needs them, fresh key
+  // bounds.
+  HeadContext SelectorContext(Sequence& s, int layer, int h);
+  // With a page selector under layer_offload: the pages of `layer` predicted for its next query
+  // (the query proxy: its last query, else `q`, the current layer's), most critical first,
+  // within the spec's transfer budget; ascending per head. Null when every page is read.
+  const PageLists* PredictPages(Sequence& s, int layer, const float* q, PageLists& out);
+  // Adds to the sequence's and the engine's PrefetchCounts (prefetched, used, needed, late).
+  void CountPrefetch(Sequence& s, int64_t prefetched, int64_t used, int64_t needed, int64_t late);
   void FeedStats(Sequence& s, int layer, const Staging& staged, const PageLists* lists,
                  size_t page_begin);
   absl::Status RunDecode(Sequence& s, const Staging& staged, const float* q, int num_q_heads,
@@ -503,6 +531,7 @@ class Engine {
   std::atomic<int64_t> fetched_pages_{0};
   std::atomic<int64_t> cow_copies_{0};
   std::atomic<int64_t> disk_delete_failures_{0};
+  std::atomic<int64_t> prefetch_counts_[5] = {0, 0, 0, 0, 0};  // PrefetchCounts' fields.
   std::atomic<uint32_t> next_disk_ordinal_{0};
   std::atomic<uint64_t> next_version_{1};
 };

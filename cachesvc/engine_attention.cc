@@ -80,15 +80,7 @@ const Engine::PageLists* Engine::SelectPages(Sequence& s, int layer, const float
   std::vector<int32_t> picked;
   for (int h = 0; h < layout.num_kv_heads; ++h) {
     const HeadTable& t = s.table(layer, h);
-    HeadContext head;
-    head.layer = LayerId(layer);
-    head.kv_head = HeadId(h);
-    head.role = s.stack->roles().role(head.layer, head.kv_head);
-    head.page_tokens = layout.page_tokens;
-    head.seq_len = s.layer_len[layer];
-    head.step = s.step;
-    head.pages = t.meta;
-    head.token_scores = t.scores;
+    const HeadContext head = SelectorContext(s, layer, h);
     picked.clear();
     s.stack->selector().Select(head, absl::MakeConstSpan(q + int64_t{h} * g * D, g * D), g,
                                &picked);
@@ -137,7 +129,12 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
   PageLists storage;
   const PageLists* lists = AttendedPages(s, layer, pending, storage);
   PageLists selected;
-  if (!s.stack->selector().selects_all()) lists = SelectPages(s, layer, q, lists, selected);
+  if (!s.stack->selector().selects_all()) {
+    lists = SelectPages(s, layer, q, lists, selected);
+    // The proxy this layer's next pages are predicted from (PredictPages).
+    s.query_proxy.resize(layout.num_layers);
+    s.query_proxy[layer].assign(q, q + int64_t{layout.num_q_heads} * layout.head_dim);
+  }
   if (s.placement.mode != PlacementMode::kHeadOffload) {
     Staging staged;
     const bool kept =
@@ -148,10 +145,15 @@ absl::Status Engine::AttendLocked(Sequence& s, int layer, const float* q, float*
       Unstage(staged);  // Whatever a failed staging still holds (nothing, by contract).
       return st;
     }
+    if (!kept) {
+      const int64_t n = static_cast<int64_t>(staged.sources.size());
+      CountPrefetch(s, 0, 0, n, n);
+    }
     st = WaitStaged(staged);
     if (st.ok()) {
-      // layer_offload: the next layers are copied while this one computes.
-      PrefetchLayers(s, layer);
+      // layer_offload: the next layers (or their predicted pages) are copied while this one
+      // computes.
+      PrefetchLayers(s, layer, q);
       st = RunDecode(s, staged, q, layout.num_q_heads, o, lse, H);
       if (st.ok() && s.wants_stats) FeedStats(s, layer, staged, lists, 0);
     }
@@ -219,11 +221,15 @@ absl::Status Engine::AttendHeadwise(Sequence& s, int layer, const float* q, floa
   absl::Status st;
   for (size_t i = 0; i < parts.size() && st.ok(); ++i) {
     const Part& p = parts[i];
+    const int64_t prefetched =
+        staged[i].active ? static_cast<int64_t>(staged[i].sources.size()) : 0;
     if (!staged[i].active) {
       st = Stage(s, layer, p.head, p.head + 1, CopyPriority::kDemandFetch, p.head, staged[i], lists,
                  p.page_begin, p.page_end);
       if (!st.ok()) break;
     }
+    const int64_t needed = static_cast<int64_t>(staged[i].sources.size());
+    CountPrefetch(s, 0, prefetched, needed, needed - prefetched);
     // Best effort: a prefetch that does not fit (or fails) is staged on demand later.
     for (size_t j = i + 1; j < parts.size() && j <= i + ahead; ++j) {
       if (staged[j].active) continue;
@@ -232,6 +238,7 @@ absl::Status Engine::AttendHeadwise(Sequence& s, int layer, const float* q, floa
                .ok()) {
         break;
       }
+      CountPrefetch(s, static_cast<int64_t>(staged[j].sources.size()), 0, 0, 0);
     }
     st = WaitStaged(staged[i]);
     if (!st.ok()) break;

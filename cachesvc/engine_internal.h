@@ -51,6 +51,11 @@ struct Engine::HeadTable {
   // With a TokenScorer: the score of each held token, page-major (page i row r at
   // scores[i * page_tokens + r]); moved with its token, dropped with it. Empty otherwise.
   std::vector<float> scores;
+  // With a selector that needs key bounds (Quest): per page, kmin[head_dim] then kmax[head_dim],
+  // computed from the payload when bounds_version[i] differs from the page's version (lazily,
+  // when a query selects; RefreshKeyBounds). Empty otherwise.
+  std::vector<float> key_bounds;
+  std::vector<uint64_t> bounds_version;
 };
 
 // Device-resident pages of some heads of one layer, as a CSR view. For device_only the view
@@ -106,6 +111,10 @@ struct Engine::Sequence {
   // layer_offload: layers staged ahead of need (the Prefetcher's choice), one per layer, kept
   // across calls until the layer is attended (its unchanged pages are reused) or changed.
   std::vector<Staging> layer_stage ABSL_GUARDED_BY(mu);
+  // With a page selector: each layer's last decode query ([num_q_heads][head_dim]; empty until
+  // one), the proxy its next pages are predicted from (policies.md §7.5).
+  std::vector<std::vector<float>> query_proxy ABSL_GUARDED_BY(mu);
+  PrefetchCounts prefetch ABSL_GUARDED_BY(mu);
 
   const ModelLayout& layout() const { return layout_entry->layout; }
   const PoolSet& pools() const { return *layout_entry->pools; }

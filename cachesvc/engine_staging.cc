@@ -177,7 +177,10 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLi
   const int H = s.layout().num_kv_heads;
   if (!WaitStaged(kept).ok()) {
     Unstage(kept);
-    return Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, out, lists);
+    RETURN_IF_ERROR(Stage(s, layer, 0, H, CopyPriority::kDemandFetch, 0, out, lists));
+    const int64_t n = static_cast<int64_t>(out.sources.size());
+    CountPrefetch(s, 0, 0, n, n);
+    return absl::OkStatus();
   }
   std::vector<PageRef> pages;
   std::vector<int32_t> per_head;
@@ -212,6 +215,9 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLi
     out.versions.push_back(p->version);
   }
   kept = Staging();
+  const int64_t needed = static_cast<int64_t>(pages.size());
+  const int64_t late = static_cast<int64_t>(missing.size());
+  CountPrefetch(s, 0, needed - late, needed, late);
   // The pages that changed since they were staged (the tails appended to, new pages) are copied
   // now, at demand priority. Any failure releases the whole view.
   for (size_t entry : missing) {
@@ -232,19 +238,23 @@ absl::Status Engine::Restage(Sequence& s, int layer, Staging& kept, const PageLi
   return absl::OkStatus();
 }
 
-void Engine::PrefetchLayers(Sequence& s, int layer) {
+void Engine::PrefetchLayers(Sequence& s, int layer, const float* q) {
   s.mu.AssertHeld();
   if (s.placement.mode != PlacementMode::kLayerOffload) return;
   const int L = s.layout().num_layers;
   if (s.layer_stage.size() != static_cast<size_t>(L)) s.layer_stage.resize(L);
   for (int next : s.stack->prefetcher().LayersAhead(layer, L)) {
     if (next == layer || s.layer_stage[next].active) continue;
+    PageLists predicted;
+    const PageLists* lists = PredictPages(s, next, q, predicted);
     // Best effort: a layer that does not fit beside the current one is staged on demand.
-    if (!Stage(s, next, 0, s.layout().num_kv_heads, CopyPriority::kPrefetch, 0, s.layer_stage[next])
+    if (!Stage(s, next, 0, s.layout().num_kv_heads, CopyPriority::kPrefetch, 0, s.layer_stage[next],
+               lists)
              .ok()) {
       s.layer_stage[next] = Staging();
       break;
     }
+    CountPrefetch(s, static_cast<int64_t>(s.layer_stage[next].sources.size()), 0, 0, 0);
   }
 }
 

@@ -51,7 +51,7 @@ void AllPagesSelector::Select(const HeadContext& head, absl::Span<const float> /
 }
 
 std::unique_ptr<Prefetcher> NextUnitsPrefetcher::Clone() const {
-  return std::make_unique<NextUnitsPrefetcher>(layers_ahead_, heads_ahead_);
+  return std::make_unique<NextUnitsPrefetcher>(layers_ahead_, heads_ahead_, pages_);
 }
 
 std::vector<int> NextUnitsPrefetcher::LayersAhead(int layer, int num_layers) const {

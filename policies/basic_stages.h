@@ -80,19 +80,22 @@ class AllPagesSelector final : public PageSelector {
 };
 
 // The next `layers_ahead` layers (wrapping to layer 0: the next decode step) and the next
-// `heads_ahead` heads of the same layer (not wrapping). Defaults: 1 and 1.
+// `heads_ahead` heads of the same layer (not wrapping); with a page selector, at most
+// `pages_per_layer` predicted pages of a layer (-1: all). Defaults: 1, 1 and -1.
 class NextUnitsPrefetcher final : public Prefetcher {
  public:
-  NextUnitsPrefetcher(int layers_ahead = 1, int heads_ahead = 1)
-      : layers_ahead_(layers_ahead), heads_ahead_(heads_ahead) {}
+  NextUnitsPrefetcher(int layers_ahead = 1, int heads_ahead = 1, int64_t pages_per_layer = -1)
+      : layers_ahead_(layers_ahead), heads_ahead_(heads_ahead), pages_(pages_per_layer) {}
   std::string_view name() const override { return "next_units"; }
   std::unique_ptr<Prefetcher> Clone() const override;
   std::vector<int> LayersAhead(int layer, int num_layers) const override;
   std::vector<int> HeadsAhead(int head, int num_heads) const override;
+  int64_t pages_per_layer() const override { return pages_; }
 
  private:
   int layers_ahead_;
   int heads_ahead_;
+  int64_t pages_;
 };
 
 }  // namespace headwise

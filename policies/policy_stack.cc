@@ -8,6 +8,7 @@
 #include "policies/basic_stages.h"
 #include "policies/budgets.h"
 #include "policies/eviction.h"
+#include "policies/quest.h"
 #include "policies/retrieval_roles.h"
 #include "policies/score_eviction.h"
 
@@ -80,6 +81,12 @@ void RegisterBuiltins(PolicyRegistry& r) {
       [](const PolicySpec&, const StackEnv&) -> absl::StatusOr<std::unique_ptr<PageSelector>> {
         return std::make_unique<AllPagesSelector>();
       });
+  (void)r.Register<PageSelector>(
+      "quest",
+      [](const PolicySpec& spec, const StackEnv&) -> absl::StatusOr<std::unique_ptr<PageSelector>> {
+        ASSIGN_OR_RETURN(auto quest, QuestSelector::FromSpec(spec));
+        return std::unique_ptr<PageSelector>(std::move(quest));
+      });
   (void)r.Register<Prefetcher>(
       "next_units",
       [](const PolicySpec& spec, const StackEnv&) -> absl::StatusOr<std::unique_ptr<Prefetcher>> {
@@ -87,7 +94,15 @@ void RegisterBuiltins(PolicyRegistry& r) {
             spec.placement().has_prefetch_depth() ? spec.placement().prefetch_depth() : 1;
         const int groups =
             spec.placement().has_device_head_groups() ? spec.placement().device_head_groups() : 2;
-        return std::make_unique<NextUnitsPrefetcher>(depth, std::min(groups - 1, depth));
+        int64_t pages = -1;
+        if (spec.selection().has_prefetch_pages_per_layer()) {
+          pages = spec.selection().prefetch_pages_per_layer();
+          if (pages < 0) {
+            return absl::InvalidArgumentError(
+                absl::StrCat("selection.prefetch_pages_per_layer must be >= 0, got ", pages));
+          }
+        }
+        return std::make_unique<NextUnitsPrefetcher>(depth, std::min(groups - 1, depth), pages);
       });
 }
 
@@ -166,8 +181,8 @@ absl::StatusOr<std::unique_ptr<PolicyStack>> PolicyStack::Create(const PolicySpe
     ASSIGN_OR_RETURN(stack->scorer_,
                      r.Create<TokenScorer>(std::string(ScorerNameFor(eviction.method)), spec, env));
   }
-  const std::string selector =
-      spec.selection().selector().empty() ? "all" : spec.selection().selector();
+  std::string selector = spec.selection().selector();
+  if (selector.empty()) selector = spec.selection().has_quest() ? "quest" : "all";
   ASSIGN_OR_RETURN(stack->selector_, r.Create<PageSelector>(selector, spec, env));
   ASSIGN_OR_RETURN(stack->prefetcher_, r.Create<Prefetcher>("next_units", spec, env));
   return stack;

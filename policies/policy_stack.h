@@ -12,7 +12,8 @@
 //                                        "unimportance_count" (scissorhands)
 //   action       eviction (resolved)     "none" | "streaming_llm" | "duo_attention" | "h2o" |
 //                                        "tova" | "key_norm" | "scissorhands"
-//   selector     selection.selector      "all" (default) | any registered name
+//   selector     selection.selector      "all" (default) | "quest" (also when selection.quest is
+//                                        set) | any registered name
 //   prefetcher   placement               "next_units"
 // Tests and later methods register more factories under new names.
 #ifndef HEADWISE_POLICIES_POLICY_STACK_H_

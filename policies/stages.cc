@@ -1,5 +1,7 @@
 #include "policies/stages.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_format.h"
 
 namespace headwise {
@@ -36,7 +38,28 @@ absl::Status ValidateHeadContext(const HeadContext& head) {
         "token_scores holds %d floats, not pages x page_tokens = %d", head.token_scores.size(),
         head.pages.size() * static_cast<size_t>(head.page_tokens)));
   }
+  const size_t bounds = head.pages.size() * 2 * static_cast<size_t>(std::max(0, head.head_dim));
+  if (!head.key_bounds.empty() && (head.head_dim <= 0 || head.key_bounds.size() != bounds)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("key_bounds holds %d floats, not pages x 2 x head_dim = %d",
+                        head.key_bounds.size(), bounds));
+  }
+  if (!head.window_votes.empty() &&
+      head.window_votes.size() != head.pages.size() * static_cast<size_t>(head.page_tokens)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "window_votes holds %d floats, not pages x page_tokens = %d", head.window_votes.size(),
+        head.pages.size() * static_cast<size_t>(head.page_tokens)));
+  }
   return absl::OkStatus();
+}
+
+void PageSelector::Rank(const HeadContext& head, absl::Span<const float> q, int group,
+                        std::vector<int32_t>* pages) const {
+  std::vector<int32_t> picked;
+  Select(head, q, group, &picked);
+  if (picked.empty()) return;
+  pages->push_back(picked.back());
+  pages->insert(pages->end(), picked.begin(), picked.end() - 1);
 }
 
 }  // namespace headwise

@@ -62,6 +62,17 @@ struct HeadContext {
   // With a TokenScorer: one score per held token, page-major (page i row r at
   // scores[i * page_tokens + r]; rows past a page's token_count are unused). Empty otherwise.
   absl::Span<const float> token_scores;
+  // With a selector that needs_key_bounds(): per page, the per-channel minimum then maximum of
+  // its keys (page i's kmin at key_bounds[i * 2 * head_dim], kmax head_dim floats later), f32.
+  // A page whose keys the engine cannot read now (on disk) has -inf / +inf bounds. Empty
+  // otherwise.
+  absl::Span<const float> key_bounds;
+  int head_dim = 0;
+  // With an action whose window_tokens() > 0, while it decides after a Prefill call: the
+  // observation window's vote for each held token (the attention the chunk's last w queries
+  // give it, mean over the group's query heads, summed over the window rows), page-major like
+  // token_scores. Empty otherwise (Append, DecodeStep).
+  absl::Span<const float> window_votes;
 };
 
 // OK when `head` is consistent: page_tokens > 0; every page has 1..page_tokens tokens; rows hold
@@ -161,6 +172,9 @@ class ActionPolicy {
   virtual std::unique_ptr<ActionPolicy> Clone() const = 0;
   // Whether Decide reads HeadContext::token_scores (then the stack must have a scorer).
   virtual bool uses_scores() const { return false; }
+  // The observation window w a Prefill call's last queries vote with (HeadContext::
+  // window_votes); 0: the action needs no votes. Default: 0.
+  virtual int64_t window_tokens() const { return 0; }
   // The decision for `head`, whose context the caller has validated (ValidateHeadContext).
   virtual absl::StatusOr<HeadActions> Decide(const HeadContext& head) const = 0;
 };
@@ -173,10 +187,16 @@ class PageSelector {
   virtual std::unique_ptr<PageSelector> Clone() const = 0;
   // True when every page is always selected (the engine then skips the call).
   virtual bool selects_all() const { return false; }
+  // True when Select reads HeadContext::key_bounds (the engine then maintains them).
+  virtual bool needs_key_bounds() const { return false; }
   // Appends to `pages` the ordinals (ascending) of the pages of `head` to attend for the group's
   // queries q ([group][head_dim] f32). The last page is always included.
   virtual void Select(const HeadContext& head, absl::Span<const float> q, int group,
                       std::vector<int32_t>* pages) const = 0;
+  // The pages Select picks, most critical first (what a transfer budget keeps when it cannot
+  // copy them all ahead). Default: the last page, then Select's others in ascending order.
+  virtual void Rank(const HeadContext& head, absl::Span<const float> q, int group,
+                    std::vector<int32_t>* pages) const;
 };
 
 // Which units to bring to the device ahead of the one being computed.
@@ -191,6 +211,10 @@ class Prefetcher {
   // While kv head `head` of `num_heads` is computed (head_offload): the heads of the same layer
   // to stage next, in order.
   virtual std::vector<int> HeadsAhead(int head, int num_heads) const = 0;
+  // With a page selector under layer_offload: at most this many pages of a layer are copied
+  // ahead of its query (the transfer budget per layer and step, policies.md §7.5 step 3), taken
+  // round-robin over the heads in each head's Rank order. -1: every predicted page. Default: -1.
+  virtual int64_t pages_per_layer() const { return -1; }
 };
 
 }  // namespace headwise

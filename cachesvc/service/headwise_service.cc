@@ -339,6 +339,12 @@ absl::Status HeadwiseService::DoGetSequence(const Tenant& tenant, const std::str
   info->set_pages(stats.device_pages + stats.host_pages + stats.disk_pages);
   info->set_shared_pages(stats.shared_pages);
   info->set_evicted_pages(stats.evicted_pages);
+  headwise::v1::PrefetchStats* prefetch = info->mutable_prefetch();
+  prefetch->set_prefetched_pages(stats.prefetch.prefetched_pages);
+  prefetch->set_used_pages(stats.prefetch.used_pages);
+  prefetch->set_needed_pages(stats.prefetch.needed_pages);
+  prefetch->set_late_pages(stats.prefetch.late_pages);
+  prefetch->set_late_bytes(stats.prefetch.late_bytes);
   return absl::OkStatus();
 }
 

@@ -288,6 +288,19 @@ std::string HeadwiseServer::RenderMetrics() const {
                   "# HELP headwise_evicted_pages_total Pages dropped by eviction policies.\n"
                   "# TYPE headwise_evicted_pages_total counter\n",
                   "headwise_evicted_pages_total ", stats.evicted_pages, "\n");
+  absl::StrAppend(
+      &out,
+      "# HELP headwise_prefetch_pages_total Pages copied to the device ahead of need (prefetched),"
+      " of those read by attention (used), read by attention (needed), needed but copied on"
+      " demand (late).\n"
+      "# TYPE headwise_prefetch_pages_total counter\n",
+      "headwise_prefetch_pages_total{kind=\"prefetched\"} ", stats.prefetch.prefetched_pages, "\n",
+      "headwise_prefetch_pages_total{kind=\"used\"} ", stats.prefetch.used_pages, "\n",
+      "headwise_prefetch_pages_total{kind=\"needed\"} ", stats.prefetch.needed_pages, "\n",
+      "headwise_prefetch_pages_total{kind=\"late\"} ", stats.prefetch.late_pages, "\n",
+      "# HELP headwise_prefetch_late_bytes_total Bytes of needed pages copied on demand.\n"
+      "# TYPE headwise_prefetch_late_bytes_total counter\n",
+      "headwise_prefetch_late_bytes_total ", stats.prefetch.late_bytes, "\n");
   absl::StrAppend(&out,
                   "# HELP headwise_stall_seconds_total Copy time waited for.\n"
                   "# TYPE headwise_stall_seconds_total counter\n",
