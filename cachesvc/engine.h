@@ -340,6 +340,7 @@ class Engine {
   struct HeadTable;
   struct Staging;
   struct AppendPlan;
+  struct WindowVotes;
   // One page of a head table: the table and the page's ordinal in it.
   struct PageRef {
     HeadTable* table;
@@ -433,7 +434,15 @@ class Engine {
   // took and changes nothing) + ApplyAppend (cannot fail) + the stack's actions, then
   // CommitAppend. UndoAppend reverts an applied, uncommitted plan. REQUIRES: s.mu held.
   absl::Status AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
-                            int num_tokens, const CommitHook* before_commit);
+                            int num_tokens, const CommitHook* before_commit,
+                            WindowVotes* votes = nullptr);
+  // SnapKV's votes (engine_select.cc): the window of a Prefill chunk over heads [h_begin,
+  // h_end) of `staged` (q: [T][num_q_heads][D], k: [T][h_end - h_begin][D]), and their layout
+  // over the pages after the append.
+  absl::Status ComputeWindowVotes(Sequence& s, const Staging& staged, const float* q,
+                                  const std::byte* k, int num_tokens, int num_q_heads,
+                                  WindowVotes& out);
+  void LayoutWindowVotes(Sequence& s, const AppendPlan& plan, WindowVotes& votes);
   // Drops the token drops that cannot be applied now (pages shared or on disk) from `actions`,
   // so that what is applied is exactly what LayerDropsOf reports; then the positions removed.
   void KeepApplicable(Sequence& s, int layer, std::vector<HeadActions>& actions);
@@ -454,7 +463,8 @@ class Engine {
   void CommitAppend(Sequence& s, AppendPlan& plan);
   // The stack's decisions for every head of `layer` (pure), and applying them (cannot fail:
   // token drops on pages that are shared or not in memory are left for a later decision).
-  absl::Status DecideActions(Sequence& s, int layer, std::vector<HeadActions>& out);
+  absl::Status DecideActions(Sequence& s, int layer, std::vector<HeadActions>& out,
+                             const WindowVotes* votes = nullptr);
   void ApplyActions(Sequence& s, int layer, const std::vector<HeadActions>& actions);
   void DropTokens(Sequence& s, HeadTable& t, const std::vector<TokenRef>& drops);
   void MergePartialPages(Sequence& s, HeadTable& t);

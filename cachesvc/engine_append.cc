@@ -241,13 +241,15 @@ void Engine::CommitAppend(Sequence& s, AppendPlan& plan) {
 }
 
 absl::Status Engine::AppendLocked(Sequence& s, int layer, const std::byte* k, const std::byte* v,
-                                  int num_tokens, const CommitHook* before_commit) {
+                                  int num_tokens, const CommitHook* before_commit,
+                                  WindowVotes* votes) {
   s.mu.AssertHeld();
   AppendPlan plan;
   RETURN_IF_ERROR(PlanAppend(s, layer, num_tokens, plan));
   ApplyAppend(s, plan, k, v);
+  if (votes != nullptr) LayoutWindowVotes(s, plan, *votes);
   std::vector<HeadActions> actions;
-  return FinishAppend(s, plan, DecideActions(s, layer, actions), actions, before_commit);
+  return FinishAppend(s, plan, DecideActions(s, layer, actions, votes), actions, before_commit);
 }
 
 absl::Status Engine::FinishAppend(Sequence& s, AppendPlan& plan, absl::Status st,
@@ -336,7 +338,8 @@ absl::Status Engine::ActionsFor(Sequence& s, int layer, const LayerDrops& drops,
   return absl::OkStatus();
 }
 
-absl::Status Engine::DecideActions(Sequence& s, int layer, std::vector<HeadActions>& out) {
+absl::Status Engine::DecideActions(Sequence& s, int layer, std::vector<HeadActions>& out,
+                                   const WindowVotes* votes) {
   s.mu.AssertHeld();
   out.assign(s.layout().num_kv_heads, HeadActions{});
   const PolicyStack& stack = *s.stack;
@@ -354,6 +357,7 @@ absl::Status Engine::DecideActions(Sequence& s, int layer, std::vector<HeadActio
     head.step = s.step;
     head.pages = t.meta;
     head.token_scores = t.scores;
+    if (votes != nullptr) head.window_votes = votes->by_head[h];
   }
   std::vector<int64_t> budgets(layout.num_kv_heads);
   stack.budgets().Allocate(layout, stack.roles(), LayerId(layer), s.layer_len[layer], heads,

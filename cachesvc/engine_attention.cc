@@ -311,6 +311,9 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
   const int g = layout.group_size();
   const int D = layout.head_dim;
   const int64_t T = num_tokens;
+  // SnapKV: the chunk's last queries vote over what this prefill attends (ComputeWindowVotes).
+  const bool vote = s.stack->actions().window_tokens() > 0;
+  WindowVotes votes;
   absl::Status st;
   if (s.placement.mode != PlacementMode::kHeadOffload) {
     Staging staged;
@@ -331,6 +334,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
           kernels::PrefillAttention(ViewOf(*s.pools().device, layout, staged.indptr, staged.indices,
                                            staged.last_page_len, staged.page_len, H),
                                     args);
+      if (st.ok() && vote) st = ComputeWindowVotes(s, staged, q, k, num_tokens, Hq, votes);
     }
     Unstage(staged);
   } else {
@@ -374,6 +378,9 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
         st = kernels::PrefillAttention(ViewOf(*s.pools().device, layout, cur.indptr, cur.indices,
                                               cur.last_page_len, cur.page_len, 1),
                                        args);
+        if (st.ok() && vote) {
+          st = ComputeWindowVotes(s, cur, qh.data(), kh.data(), num_tokens, g, votes);
+        }
       }
       Unstage(cur);
       if (!st.ok()) break;
@@ -389,7 +396,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
   RETURN_IF_ERROR(st);
   // The last point a cancel stops the call: nothing has changed yet.
   if (CallCancelled()) return absl::CancelledError("prefill cancelled before its append");
-  return AppendLocked(s, layer, k, v, num_tokens, before_commit);
+  return AppendLocked(s, layer, k, v, num_tokens, before_commit, vote ? &votes : nullptr);
 }
 
 absl::Status Engine::Prefill(const SequenceId& seq, LayerId layer, absl::Span<const float> q,

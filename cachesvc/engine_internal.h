@@ -130,6 +130,16 @@ struct Engine::Sequence {
   }
 };
 
+// SnapKV's observation-window votes of one Prefill call (kernels::PrefillWindowVotes), per kv
+// head: `cached` by page ordinal and row of the pages held before the call, `chunk` per chunk
+// token; `by_head` the same votes laid out page-major over the pages held after the append
+// (HeadContext::window_votes).
+struct Engine::WindowVotes {
+  std::vector<std::vector<float>> cached;
+  std::vector<std::vector<float>> chunk;
+  std::vector<std::vector<float>> by_head;
+};
+
 // What an append to one layer will do, built before anything changes (plan, then apply): the
 // slots every head needs, taken up front, and the copy-on-write copies of shared or off-tier tail
 // pages, already filled. Apply cannot fail; Undo restores the table exactly as it was.

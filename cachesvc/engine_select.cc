@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "cachesvc/base/status_macros.h"
 #include "cachesvc/engine.h"
 #include "cachesvc/engine_internal.h"
 #include "kernels/attention.h"
@@ -93,6 +94,72 @@ const Engine::PageLists* Engine::PredictPages(Sequence& s, int layer, const floa
     list.erase(std::unique(list.begin(), list.end()), list.end());
   }
   return &out;
+}
+
+absl::Status Engine::ComputeWindowVotes(Sequence& s, const Staging& staged, const float* q,
+                                        const std::byte* k, int num_tokens, int num_q_heads,
+                                        WindowVotes& out) {
+  s.mu.AssertHeld();
+  const ModelLayout& layout = s.layout();
+  const int P = layout.page_tokens;
+  const int heads = staged.h_end - staged.h_begin;
+  kernels::PagedKvView kv;
+  kv.pool = s.pools().device->base();
+  kv.indptr = staged.indptr.data();
+  kv.indices = staged.indices.data();
+  kv.last_page_len = staged.last_page_len.data();
+  kv.page_len = staged.page_len.empty() ? nullptr : staged.page_len.data();
+  kv.num_slots = static_cast<int64_t>(s.pools().device->num_slots());
+  kv.num_kv_heads = heads;
+  kv.page_tokens = P;
+  kv.head_dim = layout.head_dim;
+  kv.dtype = layout.dtype;
+  std::vector<float> cached(std::max<size_t>(1, static_cast<size_t>(staged.indptr.back()) * P));
+  std::vector<float> chunk(static_cast<size_t>(heads) * num_tokens);
+  kernels::WindowVoteArgs args;
+  args.num_tokens = num_tokens;
+  args.window = static_cast<int>(std::min<int64_t>(s.stack->actions().window_tokens(), num_tokens));
+  args.q = q;
+  args.k_new = k;
+  args.num_q_heads = num_q_heads;
+  args.cached_votes = cached.data();
+  args.chunk_votes = chunk.data();
+  args.num_threads = options_.compute_threads;
+  RETURN_IF_ERROR(kernels::PrefillWindowVotes(kv, args));
+  out.cached.resize(layout.num_kv_heads);
+  out.chunk.resize(layout.num_kv_heads);
+  for (int i = 0; i < heads; ++i) {
+    const int h = staged.h_begin + i;
+    out.cached[h].assign(cached.begin() + static_cast<size_t>(staged.indptr[i]) * P,
+                         cached.begin() + static_cast<size_t>(staged.indptr[i + 1]) * P);
+    out.chunk[h].assign(chunk.begin() + static_cast<size_t>(i) * num_tokens,
+                        chunk.begin() + static_cast<size_t>(i + 1) * num_tokens);
+  }
+  return absl::OkStatus();
+}
+
+// The staged view listed every page of each head in order, so a cached token's ordinal and row
+// are the same before and after the append; chunk tokens are found by position.
+void Engine::LayoutWindowVotes(Sequence& s, const AppendPlan& plan, WindowVotes& votes) {
+  s.mu.AssertHeld();
+  const int P = s.layout().page_tokens;
+  votes.by_head.assign(s.layout().num_kv_heads, {});
+  for (int h = 0; h < s.layout().num_kv_heads; ++h) {
+    const HeadTable& t = s.table(plan.layer, h);
+    std::vector<float>& out = votes.by_head[h];
+    out.assign(t.meta.size() * P, 0.0f);
+    for (size_t i = 0; i < t.meta.size(); ++i) {
+      for (int r = 0; r < t.meta[i].token_count; ++r) {
+        const int64_t pos = t.meta[i].position(r);
+        const size_t at = i * P + r;
+        if (pos >= plan.start) {
+          out[at] = votes.chunk[h][pos - plan.start];
+        } else if (at < votes.cached[h].size()) {
+          out[at] = votes.cached[h][at];
+        }
+      }
+    }
+  }
 }
 
 void Engine::CountPrefetch(Sequence& s, int64_t prefetched, int64_t used, int64_t needed,

@@ -176,6 +176,25 @@ struct PrefillArgs {
 };
 absl::Status PrefillAttention(const PagedKvView& kv, const PrefillArgs& args);
 
+// SnapKV's observation-window vote (policies.md §5.5) for a prefill chunk, computed as the
+// prefill attends: window row t (one of the chunk's last min(window, T) tokens) sees every
+// cached token of its kv head in `kv` and the chunk's tokens 0..t. With p_{r,t}(j) the softmax
+// probability query head r of row t gives token j (token_bias included), each token's vote is
+//   vote(j) = Σ_{t in window} (1/g) Σ_{r in the group} p_{r,t}(j)
+// (the group mean, §0.3, summed over the window). Rows past a cached page's valid count are 0.
+struct WindowVoteArgs {
+  int num_tokens = 0;             // T >= 1, the chunk.
+  int window = 0;                 // w >= 1.
+  const float* q = nullptr;       // [T][num_q_heads][head_dim], required.
+  const void* k_new = nullptr;    // [T][num_kv_heads][head_dim] in kv.dtype, required.
+  int num_q_heads = 0;            // A positive multiple of kv.num_kv_heads.
+  float scale = 0.0f;             // 0 means 1/sqrt(head_dim).
+  float* cached_votes = nullptr;  // [indptr[H] * page_tokens], by CSR page j and row; required.
+  float* chunk_votes = nullptr;   // [num_kv_heads][T]; required.
+  int num_threads = 1;            // OpenMP threads over kv heads.
+};
+absl::Status PrefillWindowVotes(const PagedKvView& kv, const WindowVoteArgs& args);
+
 // Merges partial attention states computed over disjoint token sets (FlashAttention's
 // merge_state, policies.md §0.2): lse = ln(sum_i e^{lse_i}), o = sum_i e^{lse_i - lse} o_i.
 // A part with lse = -inf (no tokens) contributes nothing; if all are -inf, o = 0, lse = -inf.

@@ -28,6 +28,8 @@ int64_t TokenBound(const EvictionSpec& spec) {
     case EvictionSpec::Method::kKeyNorm:
     case EvictionSpec::Method::kScissorhands:
       return budget;
+    case EvictionSpec::Method::kSnapKv:  // Right after a Prefill; decode steps add one each.
+      return budget < 0 ? std::max<int64_t>(1, spec.snapkv_capacity_tokens) : budget;
     default:
       return kUnlimitedTokens;
   }
@@ -35,7 +37,8 @@ int64_t TokenBound(const EvictionSpec& spec) {
 
 bool TokenGranular(EvictionSpec::Method method) {
   return method == EvictionSpec::Method::kH2o || method == EvictionSpec::Method::kTova ||
-         method == EvictionSpec::Method::kKeyNorm || method == EvictionSpec::Method::kScissorhands;
+         method == EvictionSpec::Method::kKeyNorm ||
+         method == EvictionSpec::Method::kScissorhands || method == EvictionSpec::Method::kSnapKv;
 }
 
 }  // namespace

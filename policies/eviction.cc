@@ -47,6 +47,8 @@ std::string_view EvictionMethodName(EvictionSpec::Method method) {
       return "key_norm";
     case EvictionSpec::Method::kScissorhands:
       return "scissorhands";
+    case EvictionSpec::Method::kSnapKv:
+      return "snapkv";
   }
   return "unknown";
 }
@@ -64,6 +66,13 @@ std::string_view ScorerNameFor(EvictionSpec::Method method) {
     default:
       return "none";
   }
+}
+
+SnapKvPolicy::Options SnapKvOptions(const EvictionSpec& spec) {
+  return {.window_tokens = spec.snapkv_window_tokens,
+          .capacity_tokens = spec.snapkv_capacity_tokens,
+          .kernel_size = spec.snapkv_kernel_size,
+          .pooling = spec.snapkv_max_pool ? WindowPooling::kMax : WindowPooling::kAvg};
 }
 
 namespace {
@@ -112,6 +121,17 @@ absl::StatusOr<EvictionSpec> ResolveBudgetedEviction(const headwise::v1::PolicyS
   return resolved;
 }
 
+absl::StatusOr<EvictionSpec> ResolveSnapKv(const headwise::v1::SnapKvEviction& s) {
+  EvictionSpec resolved;
+  resolved.method = EvictionSpec::Method::kSnapKv;
+  if (s.has_window_tokens()) resolved.snapkv_window_tokens = s.window_tokens();
+  if (s.has_capacity_tokens()) resolved.snapkv_capacity_tokens = s.capacity_tokens();
+  if (s.has_kernel_size()) resolved.snapkv_kernel_size = s.kernel_size();
+  resolved.snapkv_max_pool = s.pooling() == headwise::v1::SnapKvEviction::POOLING_MAX;
+  RETURN_IF_ERROR(SnapKvPolicy::Create(SnapKvOptions(resolved)).status());
+  return resolved;
+}
+
 absl::StatusOr<EvictionSpec> ResolveMethod(const headwise::v1::PolicySpec& spec) {
   // Roles that make streaming heads (DuoAttention gates, retrieval scores) give the window to
   // those heads only.
@@ -145,6 +165,8 @@ absl::StatusOr<EvictionSpec> ResolveMethod(const headwise::v1::PolicySpec& spec)
     case headwise::v1::Eviction::kKeyNorm:
     case headwise::v1::Eviction::kScissorhands:
       return ResolveBudgetedEviction(spec);
+    case headwise::v1::Eviction::kSnapkv:
+      return ResolveSnapKv(spec.eviction().snapkv());
   }
   const headwise::v1::StreamingLlmEviction& streaming = spec.eviction().streaming_llm();
   resolved.method =
@@ -267,6 +289,10 @@ absl::StatusOr<std::unique_ptr<ActionPolicy>> CreateActionPolicy(const EvictionS
       ASSIGN_OR_RETURN(auto policy, ScissorhandsPolicy::Create(
                                         {.recent_tokens = spec.scissorhands_recent_tokens,
                                          .drop_fraction = spec.scissorhands_drop_fraction}));
+      return std::unique_ptr<ActionPolicy>(std::move(policy));
+    }
+    case EvictionSpec::Method::kSnapKv: {
+      ASSIGN_OR_RETURN(auto policy, SnapKvPolicy::Create(SnapKvOptions(spec)));
       return std::unique_ptr<ActionPolicy>(std::move(policy));
     }
   }

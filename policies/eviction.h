@@ -20,6 +20,7 @@
 #include "headwise/v1/policy.pb.h"
 #include "policies/head_roles.h"
 #include "policies/page_meta.h"
+#include "policies/snapkv.h"
 #include "policies/stages.h"
 
 namespace headwise {
@@ -63,6 +64,8 @@ struct EvictionSpec {
     kKeyNorm = 5,
     // Scissorhands (§5.3, score_eviction.h): drop the most often unimportant over the budget.
     kScissorhands = 6,
+    // SnapKV (§5.5, snapkv.h): after each Prefill call, the window's pooled vote within C.
+    kSnapKv = 7,
   };
   // Default: kNone.
   Method method = Method::kNone;
@@ -80,6 +83,12 @@ struct EvictionSpec {
   int64_t scissorhands_recent_tokens = 10;
   double scissorhands_drop_fraction = 0.5;
   int64_t scissorhands_threshold_tokens = 0;
+  // kSnapKv: w (>= 1; default 32), C (>= 1; default 2048), kernel (odd 1..63; default 5), max
+  // pooling (default: average).
+  int64_t snapkv_window_tokens = 32;
+  int64_t snapkv_capacity_tokens = 2048;
+  int32_t snapkv_kernel_size = 5;
+  bool snapkv_max_pool = false;
   // PolicySpec.budget.uniform.tokens when the budget is uniform, else kUnlimitedTokens (per-layer
   // and per-head budgets are the BudgetAllocator's). Read by the accounting (accounting.h).
   int64_t uniform_budget_tokens = kUnlimitedTokens;
@@ -89,6 +98,9 @@ struct EvictionSpec {
 // "accumulated_attention" (H2O), "last_attention" (TOVA), "key_norm", "unimportance_count"
 // (Scissorhands).
 std::string_view ScorerNameFor(EvictionSpec::Method method);
+
+// The SnapKvPolicy options of a kSnapKv spec.
+SnapKvPolicy::Options SnapKvOptions(const EvictionSpec& spec);
 
 // "none", "streaming_llm", "duo_attention", "h2o", "tova", "key_norm", "scissorhands": the
 // registry names.

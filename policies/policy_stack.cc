@@ -69,8 +69,8 @@ void RegisterBuiltins(PolicyRegistry& r) {
                                            .threshold_tokens = e.scissorhands_threshold_tokens}));
         return std::unique_ptr<TokenScorer>(std::move(scorer));
       });
-  for (const char* name :
-       {"none", "streaming_llm", "duo_attention", "h2o", "tova", "key_norm", "scissorhands"}) {
+  for (const char* name : {"none", "streaming_llm", "duo_attention", "h2o", "tova", "key_norm",
+                           "scissorhands", "snapkv"}) {
     (void)r.Register<ActionPolicy>(
         name,
         [](const PolicySpec& spec, const StackEnv&)

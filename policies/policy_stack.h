@@ -11,7 +11,7 @@
 //                (ScorerNameFor)         "last_attention" (tova) | "key_norm" |
 //                                        "unimportance_count" (scissorhands)
 //   action       eviction (resolved)     "none" | "streaming_llm" | "duo_attention" | "h2o" |
-//                                        "tova" | "key_norm" | "scissorhands"
+//                                        "tova" | "key_norm" | "scissorhands" | "snapkv"
 //   selector     selection.selector      "all" (default) | "quest" (also when selection.quest is
 //                                        set) | any registered name
 //   prefetcher   placement               "next_units"
