@@ -25,6 +25,11 @@ Engine::Engine(const EngineOptions& options)
       host_budget_(options.host_budget_bytes) {}
 
 Engine::~Engine() {
+  {
+    MutexLock lock(&blocks_mu_);
+    for (auto& [id, pinned] : blocks_) ReleasePinned(*pinned);
+    blocks_.clear();
+  }
   for (Shard& shard : shards_) {
     absl::flat_hash_map<SequenceId, std::shared_ptr<Sequence>> sequences;
     {

@@ -216,6 +216,18 @@ struct LayerDrops {
 // writes a durable sequence's decisions to its log here.
 using CommitHook = std::function<absl::Status(const LayerDrops&)>;
 
+// A block of pages pinned for the prefix cache (Engine::PinBlocks).
+using BlockPagesId = TypedIndex<struct BlockPagesTag, uint64_t>;
+struct PinnedBlock {
+  BlockPagesId id;
+  Tier tier = Tier::kHost;
+  // Positions [first_position, first_position + tokens) of every layer and kv head.
+  int64_t first_position = 0;
+  int64_t tokens = 0;
+  // Pages * page bytes over every layer and kv head.
+  int64_t bytes = 0;
+};
+
 // How much GetSequenceStats computes. kUsage is O(layers): every figure is maintained
 // incrementally. kWithSharing also counts shared pages, walking every page of the sequence.
 enum class StatsDetail : uint8_t { kUsage = 0, kWithSharing = 1 };
@@ -329,6 +341,46 @@ class Engine {
   // O(tokens held). INVALID_ARGUMENT for a layer or head outside the layout.
   absl::StatusOr<std::vector<int64_t>> HeldPositions(const SequenceId& seq, LayerId layer,
                                                      HeadId kv_head);
+
+  // Prefix blocks (engine_prefix.cc): the pages of a run of leading positions of a sequence,
+  // held by reference (like a fork) so that they outlive it, for the prefix cache
+  // (cachesvc/prefix/). A block covers positions [first_position, first_position + tokens) of
+  // EVERY (layer, kv head); `tokens` is a multiple of the layout's page_tokens, so a block is
+  // whole pages. Ids are engine-wide and never reused.
+  //
+  // Pins the sequence's blocks [first_block, first_block + max_blocks) of `block_tokens` tokens
+  // each, in order, stopping before the first block that some (layer, kv head) does not hold
+  // densely (its pages not exactly the block's positions, e.g. after an eviction), whose pages
+  // are not all in memory (a spilled page), or that is not complete in every layer. Returns one
+  // PinnedBlock per pinned block (possibly none). INVALID_ARGUMENT unless block_tokens is a
+  // positive multiple of page_tokens and first_block >= 0.
+  absl::StatusOr<std::vector<PinnedBlock>> PinBlocks(const SequenceId& seq, int64_t block_tokens,
+                                                     int64_t first_block, int64_t max_blocks);
+  // Drops a pin (its pages are freed once no sequence references them). NOT_FOUND for an
+  // unknown id.
+  absl::Status UnpinBlock(BlockPagesId id);
+  // A new sequence (as CreateSequence) that starts with the pinned blocks `blocks` (block i must
+  // cover positions [i * tokens, (i + 1) * tokens)), sharing their pages copy-on-write in every
+  // layer and head: its length is the blocks' tokens, nothing is copied. The blocks stay pinned.
+  // NOT_FOUND for an unknown block or layout; INVALID_ARGUMENT for blocks out of order, of
+  // another page layout, or in a tier that is not the spec's home tier; errors of
+  // CreateSequence.
+  absl::StatusOr<SequenceId> CreateSequenceFromBlocks(const std::string& layout_name,
+                                                      const headwise::v1::PolicySpec& spec,
+                                                      absl::Span<const BlockPagesId> blocks);
+  // The payload of a pinned block: every page, layer-major, then kv head, then page, each the
+  // page's page_bytes() bytes (K rows then V rows, as stored). NOT_FOUND for an unknown id.
+  absl::StatusOr<std::string> ReadBlock(BlockPagesId id);
+  // A new pinned block of layout `layout_name` in `tier` (device or host) covering positions
+  // [first_position, first_position + tokens), filled from `payload` (ReadBlock's format);
+  // no sequence references it yet. INVALID_ARGUMENT for a payload of the wrong size, tokens not
+  // a positive multiple of page_tokens, a first_position that is not a multiple of tokens, or
+  // the disk tier; RESOURCE_EXHAUSTED when the tier is full (nothing kept).
+  absl::StatusOr<PinnedBlock> ImportBlock(const std::string& layout_name, Tier tier,
+                                          int64_t first_position, int64_t tokens,
+                                          absl::Span<const std::byte> payload);
+  // Blocks pinned now.
+  int64_t pinned_blocks() const;
 
   absl::StatusOr<SequenceStats> GetSequenceStats(const SequenceId& seq,
                                                  StatsDetail detail = StatsDetail::kWithSharing);
@@ -532,6 +584,18 @@ class Engine {
   std::array<Shard, kNumShards> shards_;
   Mutex bitgen_mu_;
   absl::BitGen bitgen_ ABSL_GUARDED_BY(bitgen_mu_);
+
+  // Blocks pinned for the prefix cache (engine_prefix.cc); released by the destructor.
+  struct PinnedPages;
+  mutable Mutex blocks_mu_;
+  absl::flat_hash_map<uint64_t, std::unique_ptr<PinnedPages>> blocks_ ABSL_GUARDED_BY(blocks_mu_);
+  uint64_t next_block_id_ ABSL_GUARDED_BY(blocks_mu_) = 1;
+  BlockPagesId AddPinned(std::unique_ptr<PinnedPages> pinned);
+  void ReleasePinned(PinnedPages& pinned);
+  // The layout named `name`, or NOT_FOUND.
+  absl::StatusOr<std::shared_ptr<const LayoutEntry>> FindLayout(const std::string& name) const;
+  // Pins block `b` of `s` or returns nullptr when it is not dense and in memory. REQUIRES: s.mu.
+  std::unique_ptr<PinnedPages> PinDense(Sequence& s, int64_t first, int64_t tokens);
 
   std::atomic<int64_t> live_pages_[3] = {0, 0, 0};
   std::atomic<int64_t> disk_bytes_{0};

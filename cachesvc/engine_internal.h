@@ -140,6 +140,19 @@ struct Engine::WindowVotes {
   std::vector<std::vector<float>> by_head;
 };
 
+// A prefix block's pages held by the engine (Engine::PinBlocks): one reference on each page of
+// positions [first_position, first_position + tokens) of every (layer, kv head). Guarded by
+// blocks_mu_; the pages themselves follow PhysPage's rules (a pinned page is shared, so no
+// sequence moves or writes it while the pin exists).
+struct Engine::PinnedPages {
+  std::shared_ptr<const LayoutEntry> layout_entry;
+  Tier tier = Tier::kHost;
+  int64_t first_position = 0;
+  int64_t tokens = 0;
+  // [layer][kv head][page of the block], flattened in that order.
+  std::vector<PhysPage*> pages;
+};
+
 // What an append to one layer will do, built before anything changes (plan, then apply): the
 // slots every head needs, taken up front, and the copy-on-write copies of shared or off-tier tail
 // pages, already filled. Apply cannot fail; Undo restores the table exactly as it was.

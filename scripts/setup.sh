@@ -28,7 +28,7 @@ packages=(
   libabsl-dev libhwy-dev libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   librocksdb-dev libspdlog-dev nlohmann-json3-dev libcpp-httplib-dev
-  clang
+  clang redis-server redis-tools libhiredis-dev libssl-dev
 )
 
 missing=()

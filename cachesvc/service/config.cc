@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "cachesvc/base/bounded_file.h"
 #include "cachesvc/base/status_macros.h"
+#include "cachesvc/prefix/prefix_config.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 
@@ -203,6 +204,7 @@ absl::StatusOr<DaemonConfig> ResolveConfig(DaemonConfig config, const std::strin
           absl::StrCat("config: tenant '", tenant.name(), "' reuses another tenant's token"));
     }
   }
+  RETURN_IF_ERROR(ResolvePrefixCacheConfig(config));
   return config;
 }
 

@@ -212,12 +212,12 @@ absl::Status HeadwiseService::DoCreateSequence(const Tenant& tenant,
     absl::MutexLock lock(&state.mu);
     --state.sequences;
   };
-  absl::StatusOr<SequenceId> id = engine_->CreateSequence(
-      EngineLayoutName(tenant.name, request.layout_name()), request.policy());
-  if (!id.ok()) {
+  absl::StatusOr<PrefixStart> start = StartSequence(tenant, request, layout);
+  if (!start.ok()) {
     unreserve();
-    return id.status();
+    return start.status();
   }
+  const SequenceId* id = &start->id;
   std::string handle = NewHandle();
   if (request.durable()) {
     headwise::v1::DurableSequenceRecord record;
@@ -233,9 +233,17 @@ absl::Status HeadwiseService::DoCreateSequence(const Tenant& tenant,
       return status;
     }
   }
-  InsertSequence(tenant, handle, *id, request.layout_name(), layout, request.durable(),
-                 AppendTier(request.policy()));
+  auto entry = InsertSequence(tenant, handle, *id, request.layout_name(), layout,
+                              request.durable(), AppendTier(request.policy()));
+  if (start->cached_tokens > 0) {
+    absl::MutexLock lock(&entry->mu);
+    entry->tokens.Record(0, absl::MakeConstSpan(request.prefix_token_ids())
+                                .subspan(0, static_cast<size_t>(start->cached_tokens)));
+    entry->prefix_touched = start->hit_blocks;
+    UpdateUsage(*entry).IgnoreError();  // The reused pages count for the tenant, as a fork's.
+  }
   response->set_handle(handle);
+  response->set_cached_tokens(start->cached_tokens);
   return absl::OkStatus();
 }
 
@@ -292,6 +300,10 @@ absl::Status HeadwiseService::DoTruncate(const Tenant& tenant,
   }
   RETURN_IF_ERROR(status);
   entry->steps.Clear();  // No recorded step describes the lengths any more.
+  entry->tokens.Truncate(request.length());
+  entry->prefix_touched = std::min<int64_t>(
+      entry->prefix_touched,
+      request.length() / (int64_t{options_.prefix_block_pages} * entry->layout.page_tokens));
   UpdateUsage(*entry).IgnoreError();
   return absl::OkStatus();
 }
@@ -305,6 +317,7 @@ absl::Status HeadwiseService::DoRelease(const Tenant& tenant,
     // The log goes first: once Release is acknowledged the sequence never comes back.
     if (entry->durable) RETURN_IF_ERROR(options_.durable_log->DeleteSequence(entry->handle));
     entry->released = true;
+    PublishPrefix(*entry);
     absl::Status status = engine_->Release(entry->engine_id);
     if (!status.ok()) {
       spdlog::error("sequence={}: engine release failed: {}", entry->handle,

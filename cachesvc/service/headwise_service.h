@@ -66,6 +66,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "cachesvc/engine.h"
+#include "cachesvc/prefix/prefix_cache.h"
+#include "cachesvc/prefix/sequence_tokens.h"
 #include "cachesvc/service/durable_log.h"
 #include "cachesvc/service/metrics.h"
 #include "cachesvc/service/scheduler.h"
@@ -106,6 +108,14 @@ struct HeadwiseServiceOptions {
   int64_t max_prefill_tokens_per_call = 32768;
   // Most tokens one Append or AppendLayers call may carry. Default: 65536.
   int64_t max_append_tokens_per_call = 65536;
+  // Prefix reuse (docs/scale-out.md); not owned. nullptr: token ids are validated and recorded
+  // but nothing is cached. Default: nullptr.
+  PrefixCache* prefix_cache = nullptr;
+  // Pages per prefix block (a block is this many times the layout's page_tokens). Default: 4.
+  int prefix_block_pages = 4;
+  // tenant name -> the scope its prefix blocks are hashed under (PrefixScopes); a tenant not
+  // listed shares only with itself. Default: empty.
+  absl::flat_hash_map<std::string, std::string> prefix_scopes;
   // Reported by Health. Default: "0.1.0".
   std::string version = "0.1.0";
 };
@@ -215,6 +225,10 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
     std::array<int64_t, 3> tier_pages ABSL_GUARDED_BY(mu) = {0, 0, 0};
     // The last client step per layer (idempotent retries).
     StepLedger steps ABSL_GUARDED_BY(mu);
+    // Prefix reuse: the token ids the client sent, and the blocks its CreateSequence reused
+    // (PrefixCache::Publish's `touched`).
+    SequenceTokens tokens ABSL_GUARDED_BY(mu);
+    int64_t prefix_touched ABSL_GUARDED_BY(mu) = 0;
   };
 
   // Per-tenant state.
@@ -375,6 +389,23 @@ class HeadwiseService final : public headwise::v1::Headwise::CallbackService {
   void DaemonStats(headwise::v1::StatsResponse* response) const;
   void TenantStats(const Tenant& tenant, bool has_disk, bool emulated,
                    headwise::v1::StatsResponse* response);
+
+  // Prefix reuse (service_prefix.cc). StartSequence makes DoCreateSequence's engine sequence:
+  // from the longest cached prefix of request.prefix_token_ids when there is a prefix cache and
+  // the sequence is not durable, else a plain one.
+  absl::StatusOr<PrefixStart> StartSequence(const Tenant& tenant,
+                                            const headwise::v1::CreateSequenceRequest& request,
+                                            const ModelLayout& layout);
+  std::vector<BlockHash> PrefixHashes(const Tenant& tenant, const std::string& layout_name,
+                                      const ModelLayout& layout,
+                                      absl::Span<const int32_t> tokens) const;
+  // Checks the token ids of a chunk of `num_tokens` tokens appended to `layer` (ids.empty(): OK)
+  // and returns the chunk's first position (-1 without ids). Changes nothing.
+  absl::StatusOr<int64_t> CheckTokenIds(SequenceEntry& entry, int layer,
+                                        absl::Span<const int32_t> ids, int64_t num_tokens)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
+  // Offers a sequence's full blocks to the prefix cache before it is released.
+  void PublishPrefix(SequenceEntry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(entry.mu);
 
   // Inserts a new entry for `engine_id`; REQUIRES the tenant's sequence count was reserved.
   std::shared_ptr<SequenceEntry> InsertSequence(const Tenant& tenant, std::string handle,

@@ -22,6 +22,8 @@
 #include "absl/strings/str_format.h"
 #include "cachesvc/base/bounded_file.h"
 #include "cachesvc/base/status_macros.h"
+#include "cachesvc/prefix/prefix_config.h"
+#include "cachesvc/prefix/prefix_metrics.h"
 #include "cachesvc/service/config.h"
 #include "spdlog/spdlog.h"
 
@@ -185,6 +187,7 @@ absl::Status HeadwiseServer::StartImpl(const headwise::v1::DaemonConfig& config)
   service_options.max_prefill_tokens_per_call = admission.max_prefill_tokens_per_call();
   service_options.max_append_tokens_per_call = admission.max_append_tokens_per_call();
   service_options.version = HEADWISE_VERSION;
+  RETURN_IF_ERROR(StartPrefixCache(config, service_options));
   service_ = std::make_unique<HeadwiseService>(service_options);
   ASSIGN_OR_RETURN(restored_, service_->Restore());
 
@@ -257,6 +260,30 @@ std::string HeadwiseServer::metrics_url() const {
   const bool v6 = metrics_host_.find(':') != std::string::npos && metrics_host_.front() != '[';
   return absl::StrCat("http://", v6 ? "[" : "", metrics_host_, v6 ? "]" : "", ":", http_->port(),
                       "/metrics");
+}
+
+absl::Status HeadwiseServer::StartPrefixCache(const headwise::v1::DaemonConfig& config,
+                                              HeadwiseServiceOptions& service_options) {
+  const headwise::v1::PrefixCacheConfig& p = config.prefix_cache();
+  if (!p.enabled()) return absl::OkStatus();
+  if (!p.remote().seeds().empty()) {
+    // A cluster that is down now is not an error: the tier is unavailable until it answers.
+    ASSIGN_OR_RETURN(remote_, RedisBlockStore::Create(RemoteOptionsFromConfig(p.remote())));
+  }
+  PrefixCacheOptions options;
+  options.engine = engine_.get();
+  options.policy = p.policy();
+  options.device_budget_bytes = p.device_budget_bytes();
+  options.host_budget_bytes = p.host_budget_bytes();
+  options.remote = remote_.get();
+  ASSIGN_OR_RETURN(prefix_, PrefixCache::Create(options));
+  service_options.prefix_cache = prefix_.get();
+  service_options.prefix_block_pages = static_cast<int>(p.block_pages());
+  service_options.prefix_scopes = PrefixScopes(config);
+  spdlog::info("prefix cache: policy={} block_pages={} device_budget={} host_budget={} remote={}",
+               p.policy(), p.block_pages(), p.device_budget_bytes(), p.host_budget_bytes(),
+               remote_ == nullptr ? "off" : absl::StrCat(p.remote().seeds_size(), " seed(s)"));
+  return absl::OkStatus();
 }
 
 std::string HeadwiseServer::RenderMetrics() const {
@@ -333,6 +360,8 @@ std::string HeadwiseServer::RenderMetrics() const {
                     "# TYPE headwise_calls_cancelled_total counter\n",
                     "headwise_calls_cancelled_total ", q.cancelled, "\n");
   }
+  if (prefix_ != nullptr) RenderPrefixMetrics(prefix_->Stats(), &out);
+  if (remote_ != nullptr) RenderRemoteTierMetrics(remote_->Stats(), &out);
   if (staging_ != nullptr) {
     absl::StrAppend(&out,
                     "# HELP headwise_staging_regions Open staging regions.\n"
@@ -353,6 +382,8 @@ void HeadwiseServer::Shutdown(absl::Duration grace) {
   http_.reset();
   service_.reset();  // Joins the workers (nothing is queued once gRPC is down).
   if (staging_ != nullptr) staging_->CloseAll();
+  prefix_.reset();  // Unpins its blocks; then the remote writer, which reads pins, stops.
+  remote_.reset();
   engine_.reset();
   if (durable_log_ != nullptr) {
     absl::Status status = durable_log_->Flush();

@@ -13,6 +13,8 @@
 #include "absl/time/time.h"
 #include "cachesvc/base/bounded_file.h"
 #include "cachesvc/engine.h"
+#include "cachesvc/prefix/prefix_cache.h"
+#include "cachesvc/remote/redis_block_store.h"
 #include "cachesvc/service/durable_log.h"
 #include "cachesvc/service/headwise_service.h"
 #include "cachesvc/service/metrics.h"
@@ -71,6 +73,10 @@ class HeadwiseServer {
  private:
   HeadwiseServer() = default;
   absl::Status StartImpl(const headwise::v1::DaemonConfig& config);
+  // Creates the remote tier and the prefix cache from config.prefix_cache (when enabled) and
+  // points `service_options` at them.
+  absl::Status StartPrefixCache(const headwise::v1::DaemonConfig& config,
+                                HeadwiseServiceOptions& service_options);
 
   headwise::v1::DaemonConfig config_;
   // The data directory's lock (kDataDirLockFile); -1 without a data_dir. Released last.
@@ -80,6 +86,10 @@ class HeadwiseServer {
   // Declared before engine_, which points to it (EngineOptions::patterns). Null: none configured.
   std::unique_ptr<PatternDirectory> patterns_;
   std::unique_ptr<Engine> engine_;
+  // Prefix reuse (docs/scale-out.md): the remote tier (null without seeds) and the cache (null
+  // when disabled). Both are released before the engine, the cache first.
+  std::unique_ptr<RedisBlockStore> remote_;
+  std::unique_ptr<PrefixCache> prefix_;
   std::unique_ptr<DurableLog> durable_log_;
   std::unique_ptr<StagingRegistry> staging_;
   std::unique_ptr<HeadwiseService> service_;

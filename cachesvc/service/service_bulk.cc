@@ -136,9 +136,12 @@ absl::Status HeadwiseService::DoAppendLayers(const Tenant& tenant,
                        " (a step is in progress: finish it with Append)"));
     }
   }
+  const auto ids = absl::MakeConstSpan(request.token_ids());
+  RETURN_IF_ERROR(entry->tokens.Check(before.length, ids, in.num_tokens));
   ASSIGN_OR_RETURN(TierLedger::Reservation reserved,
                    ReserveAppend(*entry, in.num_tokens, layout.num_layers));
   RETURN_IF_ERROR(AppendEveryLayer(*entry, in, before.length, before.evicted_tokens, step_id));
+  entry->tokens.Record(before.length, ids);
   ASSIGN_OR_RETURN(SequenceStats after, UpdateUsage(*entry, &reserved));
   for (int l = 0; l < layout.num_layers; ++l) {
     entry->steps.Record(l, step_id, StepKind::kAppend, in.num_tokens, after.layer_lengths[l]);

@@ -85,12 +85,15 @@ absl::Status HeadwiseService::DoAppend(const Tenant& tenant,
     response->set_layer_length(retry->layer_length);
     return absl::OkStatus();
   }
+  const auto ids = absl::MakeConstSpan(request.token_ids());
+  ASSIGN_OR_RETURN(const int64_t ids_start, CheckTokenIds(*entry, layer, ids, tokens));
   ASSIGN_OR_RETURN(TierLedger::Reservation reserved, ReserveAppend(*entry, tokens));
   const SequenceId id = entry->engine_id;
   RETURN_IF_ERROR(LoggedAppend(
       *entry, layer, tokens, request.step_id(), k.span, v.span, [&](const CommitHook* hook) {
         return engine_->Append(id, LayerId(layer), k.span, v.span, tokens, layout.dtype, hook);
       }));
+  entry->tokens.Record(ids_start, ids);
   ASSIGN_OR_RETURN(SequenceStats stats, UpdateUsage(*entry, &reserved));
   const int64_t length = stats.layer_lengths.at(layer);
   entry->steps.Record(layer, request.step_id(), StepKind::kAppend, tokens, length);
@@ -156,6 +159,8 @@ absl::Status HeadwiseService::DoPrefill(const Tenant& tenant,
       o = retry->o;
       lse = retry->lse;
     } else {
+      const auto ids = absl::MakeConstSpan(request.token_ids());
+      ASSIGN_OR_RETURN(const int64_t ids_start, CheckTokenIds(*entry, layer, ids, tokens));
       ASSIGN_OR_RETURN(TierLedger::Reservation reserved, ReserveAppend(*entry, tokens));
       const SequenceId id = entry->engine_id;
       RETURN_IF_ERROR(LoggedAppend(
@@ -163,6 +168,7 @@ absl::Status HeadwiseService::DoPrefill(const Tenant& tenant,
             return engine_->Prefill(id, LayerId(layer), q, k.span, v.span, tokens, layout.dtype,
                                     absl::MakeSpan(o), absl::MakeSpan(lse), hook);
           }));
+      entry->tokens.Record(ids_start, ids);
       ASSIGN_OR_RETURN(SequenceStats stats, UpdateUsage(*entry, &reserved));
       entry->steps.Record(layer, request.step_id(), StepKind::kPrefill, tokens,
                           stats.layer_lengths.at(layer), o, lse);
