@@ -303,7 +303,7 @@ absl::StatusOr<bool> Engine::DecisionsDependOnQueries(const SequenceId& seq) {
   ASSIGN_OR_RETURN(std::shared_ptr<Sequence> s, Find(seq));
   MutexLock lock(&s->mu);
   RETURN_IF_ERROR(CheckLive(*s));
-  return s->stack->actions().uses_scores();
+  return s->stack->actions().uses_scores() || s->stack->merger() != nullptr;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,6 +334,7 @@ absl::StatusOr<SequenceId> Engine::Fork(const SequenceId& seq) {
       to.phys = from.phys;
       to.tokens = from.tokens;
       to.scores = from.scores;
+      to.merge_state = from.merge_state;
       for (PhysPage* p : to.phys) p->refs.fetch_add(1, std::memory_order_relaxed);
     }
   }
@@ -373,6 +374,7 @@ absl::Status Engine::Truncate(const SequenceId& seq, int64_t new_length) {
       t.tokens -= last.token_count - count;
       s->retained_tokens -= last.token_count - count;
       if (!last.positions.empty()) last.positions.resize(count);
+      if (!last.bias.empty()) last.bias.resize(count);
       last.token_count = count;
     }
   }
@@ -409,6 +411,7 @@ absl::StatusOr<SequenceStats> Engine::GetSequenceStats(const SequenceId& seq, St
   out.layer_lengths = s->layer_len;
   out.evicted_pages = s->evicted_pages;
   out.evicted_tokens = s->evicted_tokens;
+  out.merged_tokens = s->merged_tokens;
   out.step = s->step;
   out.device_pages = s->pages_in[static_cast<int>(Tier::kDevice)];
   out.host_pages = s->pages_in[static_cast<int>(Tier::kHost)];
@@ -436,6 +439,7 @@ EngineStats Engine::GetStats() const {
   out.host_pages = live_pages_[1].load(std::memory_order_relaxed);
   out.disk_pages = live_pages_[2].load(std::memory_order_relaxed);
   out.evicted_pages = evicted_pages_.load(std::memory_order_relaxed);
+  out.merged_tokens = merged_tokens_.load(std::memory_order_relaxed);
   out.spilled_pages = spilled_pages_.load(std::memory_order_relaxed);
   out.fetched_pages = fetched_pages_.load(std::memory_order_relaxed);
   out.cow_copies = cow_copies_.load(std::memory_order_relaxed);

@@ -73,6 +73,9 @@
 namespace headwise {
 
 class PatternDirectory;  // policies/pattern_directory.h
+namespace kernels {
+struct PagedKvView;  // kernels/attention.h
+}  // namespace kernels
 
 struct EngineOptions {
   // Byte budget of the device tier (emulated with host memory when no GPU). Default: 1 GiB.
@@ -145,6 +148,8 @@ struct EngineStats {
   int64_t sequences = 0;
   // Pages dropped by eviction policies, spilled host->disk, fetched disk->host, copied on write.
   int64_t evicted_pages = 0;
+  // Dropped tokens a merge policy folded into kept ones (each counted once).
+  int64_t merged_tokens = 0;
   int64_t spilled_pages = 0;
   int64_t fetched_pages = 0;
   int64_t cow_copies = 0;
@@ -177,6 +182,8 @@ struct SequenceStats {
   // Pages this sequence dropped whole, and tokens it dropped (whole pages and single tokens).
   int64_t evicted_pages = 0;
   int64_t evicted_tokens = 0;
+  // Of the dropped tokens, those a merge policy folded into kept ones.
+  int64_t merged_tokens = 0;
   // Decode steps (tokens) completed by every layer; a prefill of T tokens counts T.
   int64_t step = 0;
 };
@@ -519,6 +526,13 @@ class Engine {
                              const WindowVotes* votes = nullptr);
   void ApplyActions(Sequence& s, int layer, const std::vector<HeadActions>& actions);
   void DropTokens(Sequence& s, HeadTable& t, const std::vector<TokenRef>& drops);
+  // Merging (engine_merge.cc): every held key of `t` as f32 (NaN rows on disk); the stack's
+  // merge plan for the drops `a` of one head, checked; the merges KeepApplicable left
+  // applicable; applying one head's merges (before its drops).
+  void HeldKeys(Sequence& s, const HeadTable& t, std::vector<float>& keys);
+  absl::Status PlanMerges(Sequence& s, const HeadTable& t, HeadContext& head, HeadActions& a);
+  void KeepApplicableMerges(Sequence& s, int layer, std::vector<HeadActions>& actions);
+  void ApplyMerges(Sequence& s, HeadTable& t, const HeadMerges& merges);
   void MergePartialPages(Sequence& s, HeadTable& t);
   // Test hook (EngineOptions::fault_hook): the injected failure at `point`, or OK.
   absl::Status Fault(std::string_view point) const;
@@ -553,6 +567,9 @@ class Engine {
   void CountPrefetch(Sequence& s, int64_t prefetched, int64_t used, int64_t needed, int64_t late);
   void FeedStats(Sequence& s, int layer, const Staging& staged, const PageLists* lists,
                  size_t page_begin);
+  // The kernels' view of `staged` (num_heads heads) in the device pool.
+  static kernels::PagedKvView ViewOf(const PagePool& device, const ModelLayout& layout,
+                                     const Staging& staged, int num_heads);
   absl::Status RunDecode(Sequence& s, const Staging& staged, const float* q, int num_q_heads,
                          float* o, float* lse, int num_heads);
   absl::Status AttendHeadwise(Sequence& s, int layer, const float* q, float* o, float* lse,
@@ -601,6 +618,7 @@ class Engine {
   std::atomic<int64_t> disk_bytes_{0};
   std::atomic<int64_t> num_sequences_{0};
   std::atomic<int64_t> evicted_pages_{0};
+  std::atomic<int64_t> merged_tokens_{0};
   std::atomic<int64_t> spilled_pages_{0};
   std::atomic<int64_t> fetched_pages_{0};
   std::atomic<int64_t> cow_copies_{0};

@@ -151,6 +151,7 @@ void Engine::ApplyAppend(Sequence& s, AppendPlan& plan, const std::byte* k, cons
       if (!m.positions.empty()) {
         for (int r = 0; r < n; ++r) m.positions.push_back(plan.start + i + r);
       }
+      if (!m.bias.empty()) m.bias.resize(row + n, 0.0f);
       if (!t.scores.empty()) {
         std::fill_n(t.scores.begin() + (t.meta.size() - 1) * P + row, n, initial);
       }
@@ -217,6 +218,7 @@ void Engine::UndoAppend(Sequence& s, AppendPlan& plan) {
     if (hp.old_pages > 0) {
       PageMeta& tail = t.meta.back();
       if (!tail.positions.empty()) tail.positions.resize(hp.old_tail_count);
+      if (!tail.bias.empty()) tail.bias.resize(hp.old_tail_count);
       tail.token_count = hp.old_tail_count;
       if (hp.copy_tail) {
         Unref(pools, t.phys.back());
@@ -256,7 +258,10 @@ absl::Status Engine::FinishAppend(Sequence& s, AppendPlan& plan, absl::Status st
                                   std::vector<HeadActions>& actions,
                                   const CommitHook* before_commit) {
   s.mu.AssertHeld();
-  if (st.ok()) KeepApplicable(s, plan.layer, actions);
+  if (st.ok()) {
+    KeepApplicable(s, plan.layer, actions);
+    KeepApplicableMerges(s, plan.layer, actions);
+  }
   if (st.ok() && before_commit != nullptr) {
     st = (*before_commit)(LayerDropsOf(s, plan.layer, actions));
   }
@@ -388,6 +393,7 @@ absl::Status Engine::DecideActions(Sequence& s, int layer, std::vector<HeadActio
                                                 "' chose an invalid token list for head ", h));
       }
     }
+    RETURN_IF_ERROR(PlanMerges(s, t, heads[h], out[h]));
   }
   return absl::OkStatus();
 }
@@ -399,7 +405,8 @@ void Engine::ApplyActions(Sequence& s, int layer, const std::vector<HeadActions>
     const HeadActions& a = actions[h];
     if (a.empty()) continue;
     HeadTable& t = s.table(layer, h);
-    // Token drops first, while page ordinals still match the decision.
+    // Merges, then token drops, while page ordinals still match the decision.
+    ApplyMerges(s, t, a.merges);
     if (!a.drop_tokens.empty()) DropTokens(s, t, a.drop_tokens);
     if (!a.drop_pages.empty()) {
       std::vector<bool> drop(t.meta.size(), false);
@@ -466,10 +473,12 @@ void Engine::DropTokens(Sequence& s, HeadTable& t, const std::vector<TokenRef>& 
       if (w != r) {
         MoveRow(base, r, base, w, P, row_bytes);
         if (!t.scores.empty()) t.scores[page * P + w] = t.scores[page * P + r];
+        if (!m.bias.empty()) m.bias[w] = m.bias[r];
       }
       positions.push_back(m.position(r));
       ++w;
     }
+    if (!m.bias.empty()) m.bias.resize(w);
     phys->version = NextVersion();
     const int dropped = m.token_count - w;
     m.token_count = w;
@@ -509,6 +518,11 @@ void Engine::MergePartialPages(Sequence& s, HeadTable& t) {
         positions.push_back(from.position(i));
       }
       a->version = NextVersion();
+      if (!into.bias.empty() || !from.bias.empty()) {
+        into.bias.resize(into.token_count, 0.0f);
+        for (int i = 0; i < from.token_count; ++i) into.bias.push_back(from.row_bias(i));
+      }
+      into.rewritten = into.rewritten || from.rewritten;
       into.token_count += from.token_count;
       into.positions = std::move(positions);
       into.last_touched_step = std::max(into.last_touched_step, from.last_touched_step);

@@ -19,18 +19,15 @@ namespace headwise {
 // ---------------------------------------------------------------------------------------------
 // Attention.
 
-namespace {
-
-kernels::PagedKvView ViewOf(const PagePool& device, const ModelLayout& layout,
-                            const std::vector<int32_t>& indptr, const std::vector<int32_t>& indices,
-                            const std::vector<int32_t>& last_page_len,
-                            const std::vector<int32_t>& page_len, int num_heads) {
+kernels::PagedKvView Engine::ViewOf(const PagePool& device, const ModelLayout& layout,
+                                    const Staging& staged, int num_heads) {
   kernels::PagedKvView kv;
   kv.pool = device.base();
-  kv.indptr = indptr.data();
-  kv.indices = indices.data();
-  kv.last_page_len = last_page_len.data();
-  kv.page_len = page_len.empty() ? nullptr : page_len.data();
+  kv.indptr = staged.indptr.data();
+  kv.indices = staged.indices.data();
+  kv.last_page_len = staged.last_page_len.data();
+  kv.page_len = staged.page_len.empty() ? nullptr : staged.page_len.data();
+  kv.page_bias = staged.page_bias.empty() ? nullptr : staged.page_bias.data();
   kv.num_slots = static_cast<int64_t>(device.num_slots());
   kv.num_kv_heads = num_heads;
   kv.page_tokens = layout.page_tokens;
@@ -38,8 +35,6 @@ kernels::PagedKvView ViewOf(const PagePool& device, const ModelLayout& layout,
   kv.dtype = layout.dtype;
   return kv;
 }
-
-}  // namespace
 
 // The page lists attention reads: every page of each head minus the whole pages `pending` is
 // about to drop. Null (every page) when nothing is pending.
@@ -180,10 +175,7 @@ absl::Status Engine::RunDecode(Sequence& s, const Staging& staged, const float* 
     args.token_probs = s.probs_scratch.data();
     args.page_mass = s.mass_scratch.data();
   }
-  return kernels::DecodeAttention(
-      ViewOf(*s.pools().device, s.layout(), staged.indptr, staged.indices, staged.last_page_len,
-             staged.page_len, num_heads),
-      args);
+  return kernels::DecodeAttention(ViewOf(*s.pools().device, s.layout(), staged, num_heads), args);
 }
 
 // HeadInfer: the layer is attended in parts, part i computing while parts i+1 .. i+ahead are
@@ -330,10 +322,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
       args.lse = lse;
       args.num_threads = options_.compute_threads;
       args.cancel = CurrentCancellation();
-      st =
-          kernels::PrefillAttention(ViewOf(*s.pools().device, layout, staged.indptr, staged.indices,
-                                           staged.last_page_len, staged.page_len, H),
-                                    args);
+      st = kernels::PrefillAttention(ViewOf(*s.pools().device, layout, staged, H), args);
       if (st.ok() && vote) st = ComputeWindowVotes(s, staged, q, k, num_tokens, Hq, votes);
     }
     Unstage(staged);
@@ -375,9 +364,7 @@ absl::Status Engine::PrefillLocked(Sequence& s, int layer, const float* q, const
         args.lse = lh.data();
         args.num_threads = options_.compute_threads;
         args.cancel = CurrentCancellation();
-        st = kernels::PrefillAttention(ViewOf(*s.pools().device, layout, cur.indptr, cur.indices,
-                                              cur.last_page_len, cur.page_len, 1),
-                                       args);
+        st = kernels::PrefillAttention(ViewOf(*s.pools().device, layout, cur, 1), args);
         if (st.ok() && vote) {
           st = ComputeWindowVotes(s, cur, qh.data(), kh.data(), num_tokens, g, votes);
         }
@@ -444,7 +431,8 @@ absl::Status Engine::DecodeStepLocked(Sequence& s, int layer, absl::Span<const f
   RETURN_IF_ERROR(PlanAppend(s, layer, /*num_tokens=*/1, plan));
   ApplyAppend(s, plan, k.data(), v.data());
   std::vector<HeadActions> actions;
-  const bool decide_after = s.stack->actions().uses_scores();
+  // A merge stage also decides after the attention: its merges then apply with the drops.
+  const bool decide_after = s.stack->actions().uses_scores() || s.stack->merger() != nullptr;
   absl::Status st = decide_after ? absl::OkStatus() : DecideActions(s, layer, actions);
   if (st.ok()) {
     st = AttendLocked(s, layer, q.data(), o.data(), lse.data(), decide_after ? nullptr : &actions);

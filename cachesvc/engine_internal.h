@@ -56,6 +56,8 @@ struct Engine::HeadTable {
   // when a query selects; RefreshKeyBounds). Empty otherwise.
   std::vector<float> key_bounds;
   std::vector<uint64_t> bounds_version;
+  // The merge policy's per-head state (HeadContext::merge_state). Empty without one.
+  std::vector<float> merge_state;
 };
 
 // Device-resident pages of some heads of one layer, as a CSR view. For device_only the view
@@ -69,6 +71,9 @@ struct Engine::Staging {
   std::vector<int32_t> last_page_len;
   // Per staged page token counts; empty when every page but each head's last is full.
   std::vector<int32_t> page_len;
+  // Per staged page, page_tokens logit biases (PageMeta::bias, merged rows); empty when no
+  // staged page has merged rows.
+  std::vector<float> page_bias;
   std::vector<Extent> extents;
   std::vector<CopyTicket> tickets;
   // The staged pages and their versions, in CSR order (copies only): what a later call may reuse.
@@ -100,6 +105,7 @@ struct Engine::Sequence {
   int64_t step ABSL_GUARDED_BY(mu) = 0;
   int64_t evicted_pages ABSL_GUARDED_BY(mu) = 0;
   int64_t evicted_tokens ABSL_GUARDED_BY(mu) = 0;
+  int64_t merged_tokens ABSL_GUARDED_BY(mu) = 0;
   // Incremental usage: pages referenced per tier and tokens held, over every head.
   int64_t pages_in[3] ABSL_GUARDED_BY(mu) = {0, 0, 0};
   int64_t retained_tokens ABSL_GUARDED_BY(mu) = 0;

@@ -71,7 +71,8 @@ std::unique_ptr<Engine::PinnedPages> Engine::PinDense(Sequence& s, int64_t first
       const PageMeta& m = t.meta[first_page + j];
       PhysPage* p = t.phys[first_page + j];
       if (m.first_position != first + static_cast<int64_t>(j) * P || m.token_count != P ||
-          !m.contiguous() || p->tier == Tier::kDisk || (tier_set && p->tier != pinned->tier)) {
+          !m.contiguous() || m.rewritten || p->tier == Tier::kDisk ||
+          (tier_set && p->tier != pinned->tier)) {
         return nullptr;
       }
       pinned->tier = p->tier;

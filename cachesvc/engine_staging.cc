@@ -86,10 +86,12 @@ void Engine::DescribeView(Sequence& s, const std::vector<PageRef>& pages,
   out.indptr.assign(1, 0);
   out.indices.reserve(std::max<size_t>(1, pages.size()));  // The kernels want non-null arrays.
   bool sparse = false;
+  bool biased = false;
   size_t next = 0;
   for (int32_t n : per_head) {
     for (int32_t j = 0; j < n; ++j, ++next) {
       PageMeta& m = pages[next].table->meta[pages[next].index];
+      biased = biased || !m.bias.empty();
       out.page_len.push_back(m.token_count);
       sparse = sparse || (m.token_count != P && j + 1 != n);
       m.last_touched_step = s.step;
@@ -98,6 +100,14 @@ void Engine::DescribeView(Sequence& s, const std::vector<PageRef>& pages,
     out.last_page_len.push_back(n == 0 ? 0 : out.page_len.back());
   }
   if (!sparse) out.page_len.clear();
+  if (biased) {
+    // Merged rows carry their logit bias (PagedKvView::page_bias, by CSR position).
+    out.page_bias.assign(std::max<size_t>(1, pages.size()) * P, 0.0f);
+    for (size_t i = 0; i < pages.size(); ++i) {
+      const PageMeta& m = pages[i].table->meta[pages[i].index];
+      std::copy(m.bias.begin(), m.bias.end(), out.page_bias.begin() + i * P);
+    }
+  }
 }
 
 // One device extent for the whole staging when it fits contiguously, else single slots; every

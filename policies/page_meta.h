@@ -32,6 +32,12 @@ struct PageMeta {
   float attention_mass = 0.0f;
   // Decode step (PolicyContext step) at which the page was last written or attended.
   int64_t last_touched_step = 0;
+  // Merged rows (policies.md §6.0): per row, the logit bias the kernels add to its score, ln of
+  // the tokens a count-biased representative stands for. Empty: 0 for every row.
+  std::vector<float> bias;
+  // True once a merge rewrote any row's K or V: the page no longer holds its tokens' own K/V
+  // (prefix reuse never shares such a page).
+  bool rewritten = false;
 
   bool contiguous() const { return positions.empty(); }
   // Position of row `row`. REQUIRES: 0 <= row < token_count.
@@ -40,6 +46,8 @@ struct PageMeta {
   }
   // The page's largest position.
   int64_t last_position() const { return position(token_count - 1); }
+  // The logit bias of row `row` (0 unless merged).
+  float row_bias(int row) const { return bias.empty() ? 0.0f : bias[row]; }
 };
 
 // Read-only view of the page list of one (layer, kv head) of one sequence, in position order

@@ -8,6 +8,7 @@
 #include "policies/basic_stages.h"
 #include "policies/budgets.h"
 #include "policies/eviction.h"
+#include "policies/merge.h"
 #include "policies/quest.h"
 #include "policies/retrieval_roles.h"
 #include "policies/score_eviction.h"
@@ -75,6 +76,25 @@ void RegisterBuiltins(PolicyRegistry& r) {
         name,
         [](const PolicySpec& spec, const StackEnv&)
             -> absl::StatusOr<std::unique_ptr<ActionPolicy>> { return CreateActionPolicy(spec); });
+  }
+  for (const char* name : {"cam", "d2o", "mean"}) {
+    (void)r.Register<MergePolicy>(
+        name,
+        [](const PolicySpec& spec,
+           const StackEnv&) -> absl::StatusOr<std::unique_ptr<MergePolicy>> {
+          ASSIGN_OR_RETURN(const MergeSpec m, ResolveMergeSpec(spec));
+          switch (m.method) {
+            case MergeSpec::Method::kCam:
+              return std::make_unique<CamMergePolicy>(m);
+            case MergeSpec::Method::kD2o:
+              return std::make_unique<D2oMergePolicy>(m);
+            case MergeSpec::Method::kMean:
+              return std::make_unique<MeanMergePolicy>();
+            case MergeSpec::Method::kNone:
+              break;
+          }
+          return absl::InternalError("merge factory called without a merge method");
+        });
   }
   (void)r.Register<PageSelector>(
       "all",
@@ -157,6 +177,7 @@ HEADWISE_INSTANTIATE_STAGE(RoleSource)
 HEADWISE_INSTANTIATE_STAGE(BudgetAllocator)
 HEADWISE_INSTANTIATE_STAGE(TokenScorer)
 HEADWISE_INSTANTIATE_STAGE(ActionPolicy)
+HEADWISE_INSTANTIATE_STAGE(MergePolicy)
 HEADWISE_INSTANTIATE_STAGE(PageSelector)
 HEADWISE_INSTANTIATE_STAGE(Prefetcher)
 #undef HEADWISE_INSTANTIATE_STAGE
@@ -181,6 +202,19 @@ absl::StatusOr<std::unique_ptr<PolicyStack>> PolicyStack::Create(const PolicySpe
     ASSIGN_OR_RETURN(stack->scorer_,
                      r.Create<TokenScorer>(std::string(ScorerNameFor(eviction.method)), spec, env));
   }
+  ASSIGN_OR_RETURN(const MergeSpec merge, ResolveMergeSpec(spec));
+  if (merge.method != MergeSpec::Method::kNone) {
+    if (eviction.method == EvictionSpec::Method::kNone) {
+      return absl::InvalidArgumentError(
+          "merge needs an eviction method: it merges the tokens the eviction drops");
+    }
+    ASSIGN_OR_RETURN(stack->merger_,
+                     r.Create<MergePolicy>(std::string(MergeMethodName(merge.method)), spec, env));
+    // CaM reads attention scores; an eviction that keeps none gets accumulated attention.
+    if (stack->merger_->uses_scores() && stack->scorer_ == nullptr) {
+      ASSIGN_OR_RETURN(stack->scorer_, r.Create<TokenScorer>("accumulated_attention", spec, env));
+    }
+  }
   std::string selector = spec.selection().selector();
   if (selector.empty()) selector = spec.selection().has_quest() ? "quest" : "all";
   ASSIGN_OR_RETURN(stack->selector_, r.Create<PageSelector>(selector, spec, env));
@@ -195,6 +229,7 @@ std::unique_ptr<PolicyStack> PolicyStack::Clone() const {
   copy->budgets_ = budgets_->Clone();
   if (scorer_ != nullptr) copy->scorer_ = scorer_->Clone();
   copy->actions_ = actions_->Clone();
+  if (merger_ != nullptr) copy->merger_ = merger_->Clone();
   copy->selector_ = selector_->Clone();
   copy->prefetcher_ = prefetcher_->Clone();
   return copy;
@@ -210,6 +245,7 @@ std::string PolicyStack::Describe() const {
   add("budget", budgets_->name());
   add("scorer", scorer_ == nullptr ? "none" : scorer_->name());
   add("action", actions_->name());
+  if (merger_ != nullptr) add("merge", merger_->name());
   add("selector", selector_->name());
   add("prefetch", prefetcher_->name());
   return out;

@@ -12,6 +12,8 @@
 //                                        "unimportance_count" (scissorhands)
 //   action       eviction (resolved)     "none" | "streaming_llm" | "duo_attention" | "h2o" |
 //                                        "tova" | "key_norm" | "scissorhands" | "snapkv"
+//   merge        merge oneof (optional)  "cam" | "d2o" | "mean" (CaM adds the accumulated_attention
+//                                        scorer when the action keeps no scores)
 //   selector     selection.selector      "all" (default) | "quest" (also when selection.quest is
 //                                        set) | any registered name
 //   prefetcher   placement               "next_units"
@@ -86,6 +88,8 @@ class PolicyStack {
   // Null when the stack keeps no token scores.
   const TokenScorer* scorer() const { return scorer_.get(); }
   const ActionPolicy& actions() const { return *actions_; }
+  // Null when the stack merges nothing.
+  const MergePolicy* merger() const { return merger_.get(); }
   const PageSelector& selector() const { return *selector_; }
   const Prefetcher& prefetcher() const { return *prefetcher_; }
 
@@ -102,6 +106,7 @@ class PolicyStack {
   std::unique_ptr<BudgetAllocator> budgets_;
   std::unique_ptr<TokenScorer> scorer_;
   std::unique_ptr<ActionPolicy> actions_;
+  std::unique_ptr<MergePolicy> merger_;
   std::unique_ptr<PageSelector> selector_;
   std::unique_ptr<Prefetcher> prefetcher_;
 };

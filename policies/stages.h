@@ -6,6 +6,7 @@
 //   BudgetAllocator  how many tokens each head of a layer may keep
 //   TokenScorer      how the importance of each held token is updated from attention statistics
 //   ActionPolicy     given roles, budgets and scores: which tokens or pages of a head to drop
+//   MergePolicy      optional: which of the dropped tokens are merged into kept ones, and how
 //   PageSelector     for one query: which pages of a head the kernel reads (default: all)
 //   Prefetcher       which units (layers, heads) to stage on the device ahead of need
 //
@@ -73,6 +74,13 @@ struct HeadContext {
   // give it, mean over the group's query heads, summed over the window rows), page-major like
   // token_scores. Empty otherwise (Append, DecodeStep).
   absl::Span<const float> window_votes;
+  // With a merge policy that needs_keys(), while it plans: every held token's key as f32,
+  // page-major like token_scores (page i row r at keys[(i * page_tokens + r) * head_dim]); the
+  // rows of a page the engine cannot read now (on disk) are NaN. Empty otherwise.
+  absl::Span<const float> keys;
+  // The merge policy's own per-head state (HeadMerges::state of its last plan for this head;
+  // empty before the first). Empty otherwise.
+  absl::Span<const float> merge_state;
 };
 
 // OK when `head` is consistent: page_tokens > 0; every page has 1..page_tokens tokens; rows hold
@@ -154,12 +162,44 @@ struct TokenRef {
   friend bool operator==(const TokenRef&, const TokenRef&) = default;
 };
 
+// One token merged into a kept one, with the weights of its key and value (MergeGroup).
+struct MergeSource {
+  TokenRef from;
+  float k_weight = 0.0f;
+  float v_weight = 0.0f;
+};
+
+// A merge into one kept token `into` (policies.md §6.0), computed in f32 and stored in the
+// layout's dtype:
+//   k_into <- k_self * k_into + sum_i sources[i].k_weight * k_from_i    (v likewise)
+// With count_bias the kept row also stands for every source's tokens from then on: its logit
+// bias becomes ln(e^b_into + sum_i e^b_from_i) (PageMeta::bias; a fresh token counts 1, b = 0),
+// so its score keeps the group's softmax mass when the keys agree. The sources are tokens the
+// same decision drops; a source may feed several groups (CaM spreads a value over m tokens).
+struct MergeGroup {
+  TokenRef into;
+  float k_self = 1.0f;
+  float v_self = 1.0f;
+  bool count_bias = false;
+  std::vector<MergeSource> sources;
+};
+
+// What a MergePolicy decides for one head: the groups (each `into` at most once, ascending) and
+// the policy's new per-head state (HeadContext::merge_state), kept when set_state.
+struct HeadMerges {
+  std::vector<MergeGroup> groups;
+  std::vector<float> state;
+  bool set_state = false;
+};
+
 // What to drop from one head. Both lists are strictly ascending; no token of a page in
 // drop_pages appears in drop_tokens. A page that loses every one of its tokens through
 // drop_tokens is freed like a dropped page. Empty = keep everything.
 struct HeadActions {
   std::vector<int32_t> drop_pages;
   std::vector<TokenRef> drop_tokens;
+  // Filled by the stack's MergePolicy, if any (never by the ActionPolicy itself).
+  HeadMerges merges;
   bool empty() const { return drop_pages.empty() && drop_tokens.empty(); }
 };
 
@@ -177,6 +217,25 @@ class ActionPolicy {
   virtual int64_t window_tokens() const { return 0; }
   // The decision for `head`, whose context the caller has validated (ValidateHeadContext).
   virtual absl::StatusOr<HeadActions> Decide(const HeadContext& head) const = 0;
+};
+
+// Merge instead of drop (CaM, D2O, count-biased means): given what the action policy drops from
+// a head, which dropped tokens are folded into which kept ones. Runs only when something is
+// dropped. The engine applies the merges before the drops; a merge whose pages are shared (fork)
+// or not in memory is skipped, and its sources are then simply dropped.
+class MergePolicy {
+ public:
+  virtual ~MergePolicy() = default;
+  virtual std::string_view name() const = 0;
+  virtual std::unique_ptr<MergePolicy> Clone() const = 0;
+  // Whether Plan reads HeadContext::token_scores (the stack then keeps accumulated attention
+  // when the action keeps no scores of its own).
+  virtual bool uses_scores() const { return false; }
+  // Whether Plan reads HeadContext::keys.
+  virtual bool needs_keys() const { return false; }
+  // The merges of the tokens `drops` removes from `head` (validated; drops not empty).
+  virtual absl::StatusOr<HeadMerges> Plan(const HeadContext& head,
+                                          const HeadActions& drops) const = 0;
 };
 
 // For one decode query of one head: which pages the kernel reads.

@@ -197,6 +197,13 @@ absl::Status HeadwiseService::DoCreateSequence(const Tenant& tenant,
   if (request.durable() && options_.durable_log == nullptr) {
     return absl::FailedPreconditionError("durable sequences need a data_dir (disk tier)");
   }
+  if (request.durable() &&
+      request.policy().merge().method_case() != headwise::v1::Merge::METHOD_NOT_SET &&
+      !request.policy().merge().has_none()) {
+    return absl::FailedPreconditionError(
+        "merge policies are not durable yet: their merges rewrite K/V the durable log does not "
+        "record; create the sequence without durable or without policy.merge");
+  }
   TenantState& state = StateOf(tenant);
   ModelLayout layout;
   {
@@ -233,8 +240,8 @@ absl::Status HeadwiseService::DoCreateSequence(const Tenant& tenant,
       return status;
     }
   }
-  auto entry = InsertSequence(tenant, handle, *id, request.layout_name(), layout,
-                              request.durable(), AppendTier(request.policy()));
+  auto entry = InsertSequence(tenant, handle, *id, request.layout_name(), layout, request.durable(),
+                              AppendTier(request.policy()));
   if (start->cached_tokens > 0) {
     absl::MutexLock lock(&entry->mu);
     entry->tokens.Record(0, absl::MakeConstSpan(request.prefix_token_ids())

@@ -40,6 +40,15 @@ std::vector<ComparedPolicy> DefaultComparison(int budget) {
   h2o.spec.mutable_eviction()->mutable_h2o()->set_heavy_tokens(budget / 2);
   h2o.spec.mutable_eviction()->mutable_h2o()->set_recent_tokens(budget - budget / 2);
   out.push_back(h2o);
+  // The same evictions, merging what they drop instead of losing it (policies.md §6).
+  ComparedPolicy mean = streaming;
+  mean.name = "streaming_llm + merge mean";
+  mean.spec.mutable_merge()->mutable_mean();
+  out.push_back(mean);
+  ComparedPolicy d2o = h2o;
+  d2o.name = "h2o + merge d2o";
+  d2o.spec.mutable_merge()->mutable_d2o();
+  out.push_back(d2o);
   return out;
 }
 

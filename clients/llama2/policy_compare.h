@@ -35,7 +35,8 @@ absl::StatusOr<std::vector<ComparisonRow>> ComparePolicies(
     const std::vector<ComparedPolicy>& policies);
 
 // The default line-up at a budget of `budget` tokens per head: StreamingLLM (4 sinks + the
-// rest recent) and H2O (half heavy hitters, half recent).
+// rest recent) and H2O (half heavy hitters, half recent), then each again merging what it drops
+// (StreamingLLM with the count-biased mean, H2O with D2O).
 std::vector<ComparedPolicy> DefaultComparison(int budget);
 
 }  // namespace headwise::llama2

@@ -21,7 +21,7 @@ TEST(PolicyCompare, FullCacheAgreesAndPoliciesHoldLess) {
   absl::StatusOr<std::vector<ComparisonRow>> short_run =
       ComparePolicies(*checkpoint, **backend, 48, 16, DefaultComparison(64));
   ASSERT_TRUE(short_run.ok()) << short_run.status();
-  ASSERT_EQ(short_run->size(), 3u);
+  ASSERT_EQ(short_run->size(), 5u);
   for (const ComparisonRow& row : *short_run) EXPECT_EQ(row.agree, 48) << row.name;
   absl::StatusOr<std::vector<ComparisonRow>> rows =
       ComparePolicies(*checkpoint, **backend, 200, 16, DefaultComparison(64));

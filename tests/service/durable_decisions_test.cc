@@ -58,5 +58,28 @@ TEST_F(DurableDecisionsTest, QueryDependentDropsComeBackExactlyAfterARestart) {
   EXPECT_EQ(outputs(), before);  // Bit for bit.
 }
 
+// Merges rewrite K/V the durable log does not record: a durable sequence with a merge policy is
+// refused, and nothing is created; the same policy without durable is accepted.
+TEST_F(DurableDecisionsTest, MergePoliciesAreRefusedForDurableSequences) {
+  StartServer();
+  RegisterLayout();
+  headwise::v1::PolicySpec policy;
+  policy.mutable_eviction()->mutable_streaming_llm()->set_sink_tokens(4);
+  policy.mutable_merge()->mutable_mean();
+  headwise::v1::CreateSequenceRequest request;
+  request.set_layout_name("test");
+  request.set_durable(true);
+  *request.mutable_policy() = policy;
+  headwise::v1::CreateSequenceResponse response;
+  grpc::Status status = stub_->CreateSequence(Ctx().get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(status.error_message().find("merge"), std::string::npos) << status.error_message();
+  headwise::v1::StatsRequest stats_request;
+  headwise::v1::StatsResponse stats;
+  ASSERT_TRUE(stub_->Stats(Ctx().get(), stats_request, &stats).ok());
+  EXPECT_EQ(stats.tenant_sequences(), 0u);
+  EXPECT_FALSE(CreateSequence(/*durable=*/false, kAliceToken, policy).empty());
+}
+
 }  // namespace
 }  // namespace headwise::testing
