@@ -315,6 +315,11 @@ std::string HeadwiseServer::RenderMetrics() const {
                   "# HELP headwise_evicted_pages_total Pages dropped by eviction policies.\n"
                   "# TYPE headwise_evicted_pages_total counter\n",
                   "headwise_evicted_pages_total ", stats.evicted_pages, "\n");
+  absl::StrAppend(&out,
+                  "# HELP headwise_merged_tokens_total Dropped tokens merge policies folded into"
+                  " kept ones.\n"
+                  "# TYPE headwise_merged_tokens_total counter\n",
+                  "headwise_merged_tokens_total ", stats.merged_tokens, "\n");
   absl::StrAppend(
       &out,
       "# HELP headwise_prefetch_pages_total Pages copied to the device ahead of need (prefetched),"

@@ -560,8 +560,9 @@ TEST_F(ServiceTest, MetricsEndpointServesPrometheusText) {
             std::string::npos);
   for (const char* name :
        {"headwise_request_seconds_bucket{rpc=\"Health\",le=\"+Inf\"} 2",
-        "headwise_tier_bytes{tier=\"device\"}", "headwise_bytes_moved_total{direction=",
-        "headwise_evicted_pages_total", "headwise_stall_seconds_total", "headwise_sequences 0",
+        "headwise_tier_bytes{tier=\"device\"}",
+        "headwise_bytes_moved_total{direction=", "headwise_evicted_pages_total",
+        "headwise_merged_tokens_total 0", "headwise_stall_seconds_total", "headwise_sequences 0",
         "headwise_prefetch_pages_total{kind=\"late\"} 0", "headwise_prefetch_late_bytes_total 0"}) {
     EXPECT_NE(body.find(name), std::string::npos) << name;
   }
