@@ -103,17 +103,7 @@ absl::Status Engine::ComputeWindowVotes(Sequence& s, const Staging& staged, cons
   const ModelLayout& layout = s.layout();
   const int P = layout.page_tokens;
   const int heads = staged.h_end - staged.h_begin;
-  kernels::PagedKvView kv;
-  kv.pool = s.pools().device->base();
-  kv.indptr = staged.indptr.data();
-  kv.indices = staged.indices.data();
-  kv.last_page_len = staged.last_page_len.data();
-  kv.page_len = staged.page_len.empty() ? nullptr : staged.page_len.data();
-  kv.num_slots = static_cast<int64_t>(s.pools().device->num_slots());
-  kv.num_kv_heads = heads;
-  kv.page_tokens = P;
-  kv.head_dim = layout.head_dim;
-  kv.dtype = layout.dtype;
+  const kernels::PagedKvView kv = ViewOf(*s.pools().device, layout, staged, heads);
   std::vector<float> cached(std::max<size_t>(1, static_cast<size_t>(staged.indptr.back()) * P));
   std::vector<float> chunk(static_cast<size_t>(heads) * num_tokens);
   kernels::WindowVoteArgs args;

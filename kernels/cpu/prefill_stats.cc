@@ -34,9 +34,11 @@ void GatherKeys(const PagedKvView& kv, const WindowVoteArgs& a, int h, HeadKeys&
     const std::byte* page = kv.pool + kv.indices[j] * page_bytes;
     for (int r = 0; r < kv.PageTokens(h, j); ++r) {
       for (int c = 0; c < D; ++c) out.k.push_back(LoadAsFloat(page, kv.dtype, int64_t{r} * D + c));
-      out.bias.push_back(kv.token_bias == nullptr
-                             ? 0.0f
-                             : kv.token_bias[int64_t{kv.indices[j]} * kv.page_tokens + r]);
+      float bias = 0.0f;
+      if (kv.page_bias != nullptr) bias = kv.page_bias[int64_t{j} * kv.page_tokens + r];
+      if (kv.token_bias != nullptr)
+        bias = kv.token_bias[int64_t{kv.indices[j]} * kv.page_tokens + r];
+      out.bias.push_back(bias);
       out.where.push_back(int64_t{j} * kv.page_tokens + r);
     }
   }

@@ -111,5 +111,42 @@ TEST(WindowVotes, RejectsBadArguments) {
   EXPECT_EQ(PrefillWindowVotes(kv.view(), bad).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Merged rows carry their bias by CSR page position (page_bias, what the engine stages): the
+// same biases given that way give the same votes as through token_bias.
+TEST(WindowVotes, PageBiasEqualsTheSameTokenBias) {
+  constexpr int D = 32, P = 8, H = 2, T = 6;
+  const RandomPagedKv kv = RandomPagedKv::WithPageLens(
+      DType::kF32, D, P, testing::RandomPageLens({3, 4}, P, 21), /*seed=*/22, /*with_bias=*/true);
+  const PagedKvView by_slot = kv.view();
+  ASSERT_NE(by_slot.token_bias, nullptr);
+  std::vector<float> page_bias(kv.total_pages() * P);
+  for (int32_t j = 0; j < kv.total_pages(); ++j) {
+    for (int r = 0; r < P; ++r) {
+      page_bias[j * P + r] = by_slot.token_bias[int64_t{by_slot.indices[j]} * P + r];
+    }
+  }
+  PagedKvView by_page = by_slot;
+  by_page.token_bias = nullptr;
+  by_page.page_bias = page_bias.data();
+  const std::vector<float> q = RandomFloats(int64_t{T} * H * D, 23);
+  const std::vector<float> k = RandomFloats(int64_t{T} * H * D, 24);
+  std::vector<float> votes[2][2];
+  for (int i = 0; i < 2; ++i) {
+    votes[i][0].assign(kv.total_pages() * P, -1.0f);
+    votes[i][1].assign(H * T, -1.0f);
+    WindowVoteArgs args;
+    args.num_tokens = T;
+    args.window = 3;
+    args.q = q.data();
+    args.k_new = k.data();
+    args.num_q_heads = H;
+    args.cached_votes = votes[i][0].data();
+    args.chunk_votes = votes[i][1].data();
+    ASSERT_TRUE(PrefillWindowVotes(i == 0 ? by_slot : by_page, args).ok());
+  }
+  EXPECT_EQ(votes[0][0], votes[1][0]);
+  EXPECT_EQ(votes[0][1], votes[1][1]);
+}
+
 }  // namespace
 }  // namespace headwise::kernels
